@@ -1,7 +1,7 @@
 # The README's commands. Each target installs what it needs into .venv first.
 #   make lab    create the venv, install, open JupyterLab
 #   make test   install, then ruff + unit/script tests + every notebook (nbval)
-#   make run    execute every lab headless (outputs under .smml/executed/)
+#   make run    execute every lab headless (executed copies under .smml/executed/)
 # On a machine whose python already has torch/transformers (a GPU image), skip
 # the venv:  make execute PYTHON=python3
 PY ?= python3
@@ -30,9 +30,7 @@ lab: setup
 run: setup execute
 
 execute:
-	@mkdir -p .smml/executed
-	$(PYTHON) -m jupyter nbconvert --to notebook --execute --output-dir .smml/executed \
-	  --ExecutePreprocessor.timeout=$(NB_TIMEOUT) --ExecutePreprocessor.kernel_name=python3 $(LABS)
+	$(PYTHON) -m labutils.scripts.run_labs --timeout $(NB_TIMEOUT) $(LABS)
 
 lint: setup
 	$(VENV)/bin/ruff check labutils tests $(LABS)
