@@ -215,7 +215,8 @@ def load(name: str | None = None, *, local_dir=None, dtype: str | torch.dtype | 
             tok = load_tokenizer()
     else:
         source, path = "random", str(random_weights_dir(p.name, seed, dt, dev))
-        why = "a shrunk small-profile shape" if p.hf_id is None else "no local dir, not in the HF cache, hub not reached"
+        why = ("a shrunk small-profile shape" if p.hf_id is None
+               else "no local dir, not in the HF cache, hub not reached")
         note = (f"{p.name}: RANDOM weights (seed {seed}; {why}) - same architecture, so speed and memory "
                 f"are real, but generated text is gibberish. Saved at {path} and loaded back with from_pretrained.")
         tok = load_tokenizer()
