@@ -46,6 +46,13 @@ class Profile:
     # timing defaults (labutils.timing)
     warmup: int
     reps: int
+    # lab1 (added after the fields above, so they carry defaults): shape search, waves, launches
+    gemm_search: tuple[int, ...] = (448, 512, 576)  # sizes tried for each of M, N, K
+    gemm_search_budget_s: float = 20.0
+    wave_m: int = 256  # the M and K of the wave-quantization sweep ...
+    wave_k: int = 256
+    wave_n: tuple[int, int] = (64, 1024)  # ... N swept from wave_n[0] to wave_n[1] in steps of wave_n[0]
+    launch_ops: int = 100  # length of the chain of tiny ops in the launch-overhead test
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -71,6 +78,12 @@ _SMALL = Profile(
     collective_bytes=tuple(2**k for k in range(10, 21, 2)),  # 1 KiB .. 1 MiB
     warmup=2,
     reps=10,
+    gemm_search=(448, 512, 576),
+    gemm_search_budget_s=20.0,
+    wave_m=256,
+    wave_k=256,
+    wave_n=(64, 1024),
+    launch_ops=100,
 )
 
 _FULL = Profile(
@@ -93,6 +106,12 @@ _FULL = Profile(
     collective_bytes=tuple(2**k for k in range(10, 31, 2)),  # 1 KiB .. 1 GiB
     warmup=5,
     reps=50,
+    gemm_search=tuple(range(7680, 8705, 256)),  # 5 sizes per dimension around 8192: 125 shapes
+    gemm_search_budget_s=90.0,
+    wave_m=2048,  # 8 rows of 256-row tiles: one wave of 132 SMs every 16.5 columns of 128
+    wave_k=4096,
+    wave_n=(128, 6912),  # a little over three waves
+    launch_ops=200,
 )
 
 
