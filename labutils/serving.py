@@ -1,0 +1,402 @@
+"""Serve a model over an OpenAI-compatible HTTP API and measure it under load.
+
+- ``Server``: ``transformers serve <dir>`` on 127.0.0.1 (a free port unless one is given), ready
+  once ``GET /health`` answers, always stopped: context exit, ``stop()`` (idempotent), atexit, and
+  on Linux the parent-death signal (a killed Jupyter kernel takes its server with it).
+- ``stream_request``: one streamed ``/v1/completions`` request, timed chunk by chunk.
+- ``sweep``: closed-loop load at several concurrency levels, with TTFT/TPOT/ITL/e2e percentiles.
+
+Definitions as vLLM's ``benchmark_serving``: TTFT = time to the first content chunk; TPOT =
+(e2e - TTFT) / (output tokens - 1); ITL = every gap between consecutive content chunks; output
+tokens/s = all output tokens of a level / its wall time. Output tokens come from the final chunk's
+``usage`` (``tokens_from="usage"``), else are the number of content chunks (``"chunks"``). The client
+is the standard library (threads + http.client): it runs inside a Jupyter kernel's event loop.
+
+Used in lab0 §Deploy and §Benchmark, lab4 §Serving under load.
+"""
+
+from __future__ import annotations
+
+import atexit
+import http.client
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import timing
+
+HOST = "127.0.0.1"
+# The `transformers` CLI run by this interpreter (no script on PATH needed). On Linux it first asks
+# the kernel for SIGTERM when its parent dies, so a killed notebook kernel leaves no server behind.
+# A mistral-common that is installed but cannot be imported (missing dependencies) would make every
+# Mistral tokenizer fail to load in the server; hidden, transformers reads tokenizer.json instead.
+_BOOT = ("import ctypes, os, signal, sys\nppid = int(sys.argv.pop(1))\n"
+         "try:\n    ctypes.CDLL(None).prctl(1, signal.SIGTERM)\nexcept Exception:\n    pass\n"
+         "if os.getppid() != ppid:\n    sys.exit('parent gone')\n"
+         "try:\n    import mistral_common.tokens.tokenizers.tekken\n"
+         "except Exception as e:\n    print(f'mistral-common unusable ({e}): hidden from transformers', flush=True)\n"
+         "    sys.modules['mistral_common'] = None\n"
+         "from transformers.cli.transformers import main\nsys.exit(main())\n")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return True
+    return False
+
+
+class Server:
+    """``transformers serve`` on 127.0.0.1: ``with Server(loaded.path) as srv: stream_request(srv.url, ...)``.
+
+    ``model`` is the name requests must use (the server is pinned to it); ``extra_args`` go to the
+    CLI as they are (e.g. ``["--continuous-batching"]``); ``pid`` stays set after ``stop()``.
+    """
+
+    def __init__(self, model_dir, *, port: int | None = None, device: str | None = None, dtype: str = "auto",
+                 extra_args=(), startup_timeout: float = 300.0):
+        import torch
+
+        self.model, self.requested_port, self.dtype = str(model_dir), port, dtype
+        self.device = device or ("cuda:0" if torch.cuda.is_available() else "cpu")
+        self.extra_args = [str(a) for a in extra_args]
+        self.startup_timeout = startup_timeout
+        self.port = self.pid = self.proc = self.log_path = None
+        self.startup_s = float("nan")
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def command(self) -> list[str]:
+        return ["transformers", "serve", self.model, "--host", HOST, "--port", str(self.port),
+                "--device", self.device, "--dtype", self.dtype, *self.extra_args]
+
+    def start(self) -> Server:
+        """Start the server and wait until ``/health`` answers; raise with the log tail if not."""
+        if self.running:
+            return self
+        if self.requested_port is not None and port_in_use(self.requested_port):
+            raise ValueError(f"port {self.requested_port} on {HOST} is already in use: pass port=None to "
+                             f"pick a free one, or stop what listens there (see `lsof -i :{self.requested_port}`)")
+        self.port = self.requested_port or free_port()
+        fd, name = tempfile.mkstemp(prefix=f"smml-serve-{self.port}-", suffix=".log")
+        self.log_path = Path(name)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+        with os.fdopen(fd, "wb") as log:  # own session = own process group, killed as a whole
+            self.proc = subprocess.Popen([sys.executable, "-c", _BOOT, str(os.getpid()), *self.command()[1:]],
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)
+        self.pid = self.proc.pid
+        atexit.register(self.stop)
+        t0 = time.perf_counter()
+        try:
+            self._wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_s = time.perf_counter() - t0
+        return self
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"`{shlex.join(self.command())}` exited with code {self.proc.returncode} "
+                                   f"before it was healthy. Last lines of {self.log_path}:\n{self.log_tail()}")
+            if http_get(f"{self.url}/health", timeout=2.0)[0] == 200:
+                return
+            time.sleep(0.25)
+        raise RuntimeError(f"`{shlex.join(self.command())}` did not answer /health within "
+                           f"{self.startup_timeout:.0f} s. Last lines of {self.log_path}:\n{self.log_tail()}")
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM the server's process group, SIGKILL it after ``grace_s``; safe to call twice."""
+        atexit.unregister(self.stop)
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        _killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            _killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        _killpg(proc.pid, signal.SIGKILL)  # anything the server left in its group
+
+    def log_tail(self, lines: int = 40) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return "(no log)"
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def curl_command(self, prompt: str = "The capital of France is", max_tokens: int = 16) -> str:
+        """The plain-HTTP request a reader can paste into a shell (``-N``: print events as they arrive)."""
+        body = json.dumps({"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "stream": True})
+        return shlex.join(["curl", "-sN", f"{self.url}/v1/completions", "-H", "Content-Type: application/json",
+                           "-d", body])
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"Server({self.model!r}, device={self.device!r}, " + \
+            (f"running at {self.url})" if self.running else "stopped)")
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    with suppress(ProcessLookupError):  # the group is gone already
+        os.killpg(pgid, sig)
+
+
+def _split(url: str) -> tuple[str, int, str]:
+    hostport, _, path = url.split("://", 1)[-1].partition("/")
+    host, _, port = hostport.partition(":")
+    return host, int(port or 80), "/" + path
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
+    """(status, body) of a GET; status 0 when nothing answers."""
+    host, port, path = _split(url)
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode(errors="replace")
+    except (OSError, http.client.HTTPException):
+        return 0, ""
+    finally:
+        conn.close()
+
+
+# ---------------------------------------------------------------- the load client
+@dataclass
+class RequestResult:
+    """One streamed request; times in seconds from sending it (``start``: its perf_counter)."""
+
+    ok: bool
+    ttft: float = float("nan")
+    e2e: float = float("nan")
+    itl: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+    prompt_tokens: int | None = None
+    chunks: int = 0
+    tokens_from: str = "chunks"  # "usage" (reported by the server) or "chunks" (counted here)
+    text: str = ""
+    error: str = ""
+    start: float = 0.0
+
+    @property
+    def tpot(self) -> float:
+        n = self.output_tokens
+        return (self.e2e - self.ttft) / (n - 1) if self.ok and n > 1 else float("nan")
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"tpot": self.tpot}
+
+
+def completion_body(model: str, prompt: str, max_tokens: int, fixed_length: bool = True) -> dict:
+    """A greedy streamed /v1/completions body. ``fixed_length``: min = max new tokens, so an EOS cannot
+    end the request early (``transformers serve`` accepts a ``generation_config`` JSON string)."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True, "temperature": 0.0}
+    if fixed_length:
+        body["generation_config"] = json.dumps({"max_new_tokens": max_tokens, "min_new_tokens": max_tokens,
+                                                "do_sample": False})
+    return body
+
+
+def stream_request(url: str, model: str, prompt: str, max_tokens: int, *, fixed_length: bool = True,
+                   timeout: float = 600.0) -> RequestResult:
+    """Send one streamed completion to ``url`` (the server root) and time every chunk; never raises."""
+    host, port, _ = _split(url)
+    res = RequestResult(ok=False, start=time.perf_counter())
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("POST", "/v1/completions", json.dumps(completion_body(model, prompt, max_tokens, fixed_length)),
+                     {"Content-Type": "application/json", "Accept": "text/event-stream"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            res.error = f"HTTP {resp.status}: {resp.read()[:500].decode(errors='replace')}"
+        else:
+            _read_events(resp, res)
+    except (OSError, http.client.HTTPException, ValueError) as e:  # refused, reset, bad JSON
+        res.error = f"{type(e).__name__}: {e}"
+    finally:
+        conn.close()
+    return res
+
+
+def _read_events(resp, res: RequestResult) -> None:
+    last, parts = None, []
+    for line in (raw.strip() for raw in resp):  # server-sent events: "data: {json}" lines
+        if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
+            continue
+        now, msg = time.perf_counter() - res.start, json.loads(line[5:])
+        if "error" in msg:
+            res.error = str(msg["error"])
+            return
+        text = "".join(c.get("text") or "" for c in msg.get("choices", []))
+        if text:
+            if last is None:
+                res.ttft = now
+            else:
+                res.itl.append(now - last)
+            last, res.chunks = now, res.chunks + 1
+            parts.append(text)
+        if msg.get("usage"):
+            res.output_tokens, res.tokens_from = int(msg["usage"]["completion_tokens"]), "usage"
+            res.prompt_tokens = msg["usage"].get("prompt_tokens")
+    res.e2e, res.text, res.ok = time.perf_counter() - res.start, "".join(parts), last is not None
+    res.output_tokens = res.output_tokens if res.tokens_from == "usage" else res.chunks
+    res.error = "" if res.ok else "the stream ended without any content"
+
+
+# ---------------------------------------------------------------- the sweep
+def _stats(values) -> timing.Stats | None:
+    vals = [v for v in values if v == v]  # drop NaN
+    return timing.stats(vals) if vals else None
+
+
+@dataclass
+class Level:
+    """One concurrency level: its requests, at most ``concurrency`` of them in flight."""
+
+    concurrency: int
+    wall_s: float
+    results: list[RequestResult]
+
+    @property
+    def ok(self) -> list[RequestResult]:
+        return [r for r in self.results if r.ok]
+
+    @property
+    def errors(self) -> list[str]:
+        return [r.error for r in self.results if not r.ok]
+
+    def summary(self) -> dict:
+        ok, n_out = self.ok, sum(r.output_tokens for r in self.ok)
+        return {"concurrency": self.concurrency, "requests": len(self.results), "errors": len(self.errors),
+                "wall_s": self.wall_s, "request_per_s": len(ok) / self.wall_s, "output_tokens": n_out,
+                "output_tok_per_s": n_out / self.wall_s, "tokens_from": sorted({r.tokens_from for r in ok}),
+                "ttft": _stats(r.ttft for r in ok), "tpot": _stats(r.tpot for r in ok),
+                "itl": _stats(x for r in ok for x in r.itl), "e2e": _stats(r.e2e for r in ok)}
+
+    def latency_rows(self, unit: float = 1e3) -> list[dict]:
+        """p50/p90/p99 of each latency (ms by default), one row per metric, for ``plots.table``."""
+        s = self.summary()
+        return [{"metric": k.upper(), "n": s[k].n, **{q: getattr(s[k], q) * unit for q in ("p50", "p90", "p99")}}
+                for k in ("ttft", "tpot", "itl", "e2e") if s[k]]
+
+    def goodput(self, ttft_slo_s: float, tpot_slo_s: float) -> float:
+        """Requests/s that met both latency objectives (DistServe's goodput)."""
+        return sum(r.ttft <= ttft_slo_s and not r.tpot > tpot_slo_s for r in self.ok) / self.wall_s
+
+
+def run_level(url: str, model: str, prompts: list[str], concurrency: int, requests: int, max_tokens: int,
+              fixed_length: bool = True) -> Level:
+    """``requests`` requests through ``concurrency`` workers (each sends its next when one returns)."""
+    if concurrency < 1 or requests < 1 or not prompts:
+        raise ValueError("need concurrency >= 1, requests >= 1 and at least one prompt")
+
+    def one(i: int) -> RequestResult:
+        return stream_request(url, model, prompts[i % len(prompts)], max_tokens, fixed_length=fixed_length)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        results = list(pool.map(one, range(requests)))
+    return Level(concurrency, time.perf_counter() - t0, results)
+
+
+@dataclass
+class Sweep:
+    url: str
+    model: str
+    max_tokens: int
+    fixed_length: bool
+    warmup: RequestResult | None
+    levels: list[Level]
+
+    def rows(self, unit: float = 1e3) -> list[dict]:
+        """One flat row per level (latencies in ms by default) for ``plots.table``."""
+        return [{"concurrency": s["concurrency"], "ok": s["requests"] - s["errors"], "errors": s["errors"],
+                 "req/s": s["request_per_s"], "out tok/s": s["output_tok_per_s"],
+                 **{f"{k} {q}": getattr(s[k], q) * unit if s[k] else float("nan")
+                    for k in ("ttft", "tpot", "itl", "e2e") for q in ("p50", "p90", "p99")}}
+                for s in (lv.summary() for lv in self.levels)]
+
+    def as_dict(self) -> dict:
+        return {"url": self.url, "model": self.model, "max_tokens": self.max_tokens, "fixed_length": self.fixed_length,
+                "warmup": self.warmup, "levels": [lv.summary() | {"requests_detail": [r.as_dict() for r in lv.results]}
+                                                  for lv in self.levels]}
+
+
+def sweep(url: str, model: str, prompts: list[str], concurrency_levels, requests_per_level: int, max_tokens: int,
+          *, fixed_length: bool = True, warmup: int = 1, progress: bool = False) -> Sweep:
+    """Closed-loop load at each concurrency level, after ``warmup`` untimed requests."""
+    first = None
+    for i in range(warmup):
+        r = stream_request(url, model, prompts[i % len(prompts)], max_tokens, fixed_length=fixed_length)
+        first = first or r
+        if not r.ok:
+            raise RuntimeError(f"warm-up request failed: {r.error}")
+    levels = list(concurrency_levels)
+    if progress:
+        from tqdm.auto import tqdm
+
+        levels = tqdm(levels, desc="concurrency levels")
+    out = [run_level(url, model, prompts, c, requests_per_level, max_tokens, fixed_length) for c in levels]
+    return Sweep(url, model, max_tokens, fixed_length, first, out)
+
+
+def throughput_latency_figure(result: Sweep, title: str = "Throughput vs latency"):
+    """Output tokens/s of all requests against end-to-end latency, one point per concurrency level."""
+    from . import plots
+
+    rows = result.rows(unit=1.0)
+    tps = [r["out tok/s"] for r in rows]
+    fig = plots.lines({f"{q} e2e": ([r[f"e2e {q}"] for r in rows], tps) for q in ("p50", "p90")}, title=title,
+                      xlabel="end-to-end latency per request (s)", ylabel="output tokens/s (all requests)",
+                      annotate={"p50 e2e": [f"c={r['concurrency']}" for r in rows]})
+    fig.axes[0].set_ylim(bottom=0)
+    fig.axes[0].set_xlim(left=0)
+    return fig
+
+
+def make_prompts(tokenizer, n: int, tokens: int) -> list[str]:
+    """``n`` distinct English prompts of ``tokens`` tokens each (BOS included)."""
+    words = _PASSAGE.split()
+    texts = [" ".join(words[i % len(words):] + words * (1 + tokens // len(words))) for i in range(n)]
+    return [tokenizer.decode(tokenizer(t, add_special_tokens=False)["input_ids"][: max(1, tokens - 1)])
+            for t in texts]
+
+
+_PASSAGE = ("A language model turns text into tokens, looks each one up in a table of vectors and passes them "
+            "through a stack of identical layers. To write one new token it reads all of its weights once, so "
+            "decoding speed is set by memory bandwidth more than by arithmetic. Serving many users at once lets "
+            "one pass over the weights produce a token for each of them.")
