@@ -4,7 +4,8 @@
 - ``datasheet()``: dense peak FLOP/s per dtype and memory bandwidth, from one table keyed
   by device name (never a magic constant in a lab).
 - ``measure_bandwidth()`` / ``gemm()`` / ``matmul_peak()``: the ceilings *measured* here,
-  each checked for a correct result before it is timed.
+  each checked for a correct result before it is timed; on a GPU every GEMM is timed after
+  ``SETTLE_S`` seconds of the same product back-to-back, i.e. at the clock it sustains.
 - ``fingerprint()``: the hardware/software environment saved with every result.
 
 Used in lab0 §Environment, lab1 §Ceilings, lab4 §Roofline.
@@ -219,16 +220,28 @@ def _operands(m, n, k, dtype: str, dev):
     return a, b, torch.matmul
 
 
+#: seconds a GPU GEMM runs back-to-back before it is timed. An H100 at its power limit holds the boost
+#: clock for a few tens of ms of full load, then settles lower: without this, a short timing measures
+#: the burst and a long one the sustained clock, and shapes compare by timing length, not by speed.
+#: 0.25 s is about the shortest settle after which a 50-call 8192^3 bf16 timing on an H100 keeps a
+#: steady clock (p20-p80 under 1 %; fp16 once needed 0.5 s); the slower drift as the chip warms remains.
+SETTLE_S = 0.25
+
+
 def gemm(m: int, n: int, k: int, dtype: str = "bfloat16", device=None, reps: int = 30,
-         rotate: int = 1, max_time_s: float = 2.0, graph: bool = False) -> GemmResult:
+         rotate: int = 1, max_time_s: float = 2.0, graph: bool = False,
+         settle_s: float | None = None) -> GemmResult:
     """Check then time one (m,k)@(k,n) product; FLOP/s = 2mnk / median time.
 
     ``rotate`` > 1 cycles through that many operand pairs (use it when they fit in cache).
     ``graph=True`` (GPU) times the products replayed from one CUDA graph, so a product shorter
-    than a kernel launch is timed by the GPU's clock, not by Python's launch rate (see ``graphed``).
+    than a kernel launch is timed by the GPU's clock, not by Python's launch rate (``timing.graphed``).
+    ``settle_s``: seconds of untimed back-to-back products after the check, before the timed reps
+    (default ``SETTLE_S`` on a GPU, 0 on a CPU), so every GEMM is timed at the sustained clock.
     Raises if the product's relative error against float64 exceeds ``GEMM_TOL[dtype]``.
     """
     dev = torch.device(device) if device is not None else default_device()
+    settle_s = (SETTLE_S if dev.type == "cuda" else 0.0) if settle_s is None else settle_s
     prev = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = dtype == "tf32"
     try:
@@ -240,82 +253,35 @@ def gemm(m: int, n: int, k: int, dtype: str = "bfloat16", device=None, reps: int
         if not err <= GEMM_TOL[dtype]:  # also catches NaN
             raise RuntimeError(f"{dtype} GEMM {m}x{n}x{k}: relative error {err:.2e} > {GEMM_TOL[dtype]:.0e}")
         if graph and dev.type == "cuda":
-            t = _graph_timing(mm, pairs, out, dtype, dev, reps, max_time_s, f"gemm {m}x{n}x{k} {dtype}")
+            t = _graph_timing(mm, pairs, out, dtype, dev, f"gemm {m}x{n}x{k} {dtype}",
+                              reps=reps, max_time_s=max_time_s, settle_s=settle_s)
         else:
             t = timing.benchmark(mm, inputs=[(x, y) for x, y, _ in pairs], device=dev, reps=reps,
-                                 max_time_s=max_time_s, label=f"gemm {m}x{n}x{k} {dtype}")
+                                 max_time_s=max_time_s, settle_s=settle_s, label=f"gemm {m}x{n}x{k} {dtype}")
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
     return GemmResult(m, n, k, dtype, t.rate(2 * m * n * k), err, t)
 
 
-def _graph_timing(mm, pairs, ref_out, dtype, dev, reps, max_time_s, label) -> timing.Timing:
+def _graph_timing(mm, pairs, ref_out, dtype, dev, label, **kw) -> timing.Timing:
     calls = max(len(pairs), 4)
-    g = graphed(lambda: [mm(*pairs[i % len(pairs)][:2]) for i in range(calls)], device=dev)
+    g = timing.graphed(lambda: [mm(*pairs[i % len(pairs)][:2]) for i in range(calls)], device=dev)
     out = g.check()[0]
     err = ((out.double() - ref_out.double()).norm() / ref_out.double().norm()).item()
     if not err <= GEMM_TOL[dtype]:
         raise RuntimeError(f"{label}: the CUDA-graph replay differs from the eager product (rel err {err:.1e})")
-    t = timing.benchmark(g.run, device=dev, reps=reps, max_time_s=max_time_s, label=f"{label}, {g.note}")
+    t = timing.benchmark(g.run, device=dev, label=f"{label}, {g.note}", **kw)
     per = {f: getattr(t, f) / calls for f in ("median_s", "p20_s", "p80_s", "p99_s", "min_s")}
     return replace(t, **per)
 
 
-@dataclass
-class Graphed:
-    """``run()`` replays the captured calls; ``check()`` poisons their outputs (NaN), replays once and
-    returns them, so they can be compared with a reference before anything is timed."""
-
-    run: object
-    check: object
-    is_graph: bool
-    note: str
-
-
-def _poison(x) -> None:
-    if isinstance(x, torch.Tensor) and x.is_floating_point():
-        x.fill_(float("nan"))
-    elif isinstance(x, (list, tuple)):
-        for v in x:
-            _poison(v)
-
-
-def graphed(fn, device=None) -> Graphed:
-    """Capture ``fn`` (a fixed sequence of GPU ops) in one CUDA graph; replaying it costs one CPU launch
-    for all its kernels, so timing the replay measures GPU time rather than Python's launch rate.
-
-    On a CPU, or if capture fails, ``run`` is ``fn`` itself and ``note`` says so (nothing is hidden).
-    """
-    dev = torch.device(device) if device is not None else default_device()
-    if dev.type != "cuda":
-        return Graphed(fn, fn, False, "eager (CUDA graphs need a GPU)")
-    try:
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            fn()  # warm-up off the default stream, as capture requires
-        torch.cuda.current_stream(dev).wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            outs = fn()
-    except RuntimeError as e:  # a capture-unsafe op: time it eagerly and say so
-        torch.cuda.synchronize(dev)
-        return Graphed(fn, fn, False, f"eager (CUDA-graph capture failed: {str(e)[:80]})")
-
-    def check():
-        _poison(outs)
-        g.replay()
-        torch.cuda.synchronize(dev)
-        return outs
-
-    return Graphed(g.replay, check, True, "CUDA graph replay")
-
-
-def matmul_peak(dtype: str = "bfloat16", size: int | None = None, device=None, reps: int = 30) -> GemmResult:
-    """Measured matmul ceiling: a large square product (8192 on a GPU, 1024 on a CPU)."""
+def matmul_peak(dtype: str = "bfloat16", size: int | None = None, device=None, reps: int = 30,
+                settle_s: float | None = None) -> GemmResult:
+    """Measured matmul ceiling: a large square product (8192 on a GPU, 1024 on a CPU), timed like every
+    other GEMM (after ``settle_s``, default ``SETTLE_S`` on a GPU): the clock it sustains, not its burst."""
     dev = torch.device(device) if device is not None else default_device()
     size = size or (8192 if dev.type == "cuda" else 1024)
-    return gemm(size, size, size, dtype, dev, reps=reps)
+    return gemm(size, size, size, dtype, dev, reps=reps, settle_s=settle_s)
 
 
 # ---------------------------------------------------------------- fingerprint

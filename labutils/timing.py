@@ -4,8 +4,13 @@
 clock (CUDA events on a GPU, ``perf_counter`` after a synchronise on the CPU),
 and returns the median with p20/p80/p99 spread. The first call is timed apart
 (``first_call_s``): it holds lazy initialisation and compilation, which must
-never leak into a steady-state number. ``stats`` summarises any list of
-latencies (the serving client uses it for TTFT/TPOT/ITL percentiles).
+never leak into a steady-state number. ``settle_s`` keeps the device busy with
+``fn`` for that long before the timed reps, so that work heavy enough to hit the
+GPU's power limit is timed at the clock it holds under sustained load, not at
+the boost clock of a short burst. ``stats`` summarises any list of latencies
+(the serving client uses it for TTFT/TPOT/ITL percentiles). ``graphed(fn)``
+captures a sequence of GPU ops in one CUDA graph, so that timing its replay
+measures the GPU's time rather than Python's launch rate.
 
 Used in every lab, first in lab0 §Benchmark.
 """
@@ -62,6 +67,7 @@ class Timing:
     min_s: float
     n: int
     first_call_s: float
+    settle_s: float = 0.0  # seconds of back-to-back calls run just before the timed reps
 
     @property
     def spread(self) -> float:
@@ -115,10 +121,11 @@ class _L2Flusher:
 
 def benchmark(fn: Callable[..., object], *, inputs: Sequence[tuple] | None = None, device=None,
               warmup: int = 3, reps: int = 30, max_time_s: float = 5.0, min_reps: int = 5,
-              flush_l2: bool = False, label: str = "") -> Timing:
+              flush_l2: bool = False, settle_s: float = 0.0, label: str = "") -> Timing:
     """Time ``fn`` (or ``fn(*inputs[i])``, rotating through ``inputs``).
 
     Warm-up calls run first (the first one timed on its own as ``first_call_s``);
+    then, if ``settle_s`` > 0, untimed calls back-to-back for ``settle_s`` seconds (see ``settle``);
     then up to ``reps`` timed calls, fewer if they would exceed ``max_time_s``
     (never fewer than ``min_reps``). Rotate ``inputs`` when one set fits in cache.
     """
@@ -138,9 +145,29 @@ def benchmark(fn: Callable[..., object], *, inputs: Sequence[tuple] | None = Non
     synchronize(dev)
     per_call = (time.perf_counter() - t0) / warmup if warmup else first
     n = int(max(min_reps, min(reps, max_time_s / max(per_call, 1e-9))))
+    if settle_s > 0:
+        settle(call, settle_s, dev, per_call)
     times = _timed_reps(call, n, dev, flush_l2)
     s = stats(times)
-    return Timing(label, str(dev), s.p50, s.p20, s.p80, s.p99, s.min, s.n, first)
+    return Timing(label, str(dev), s.p50, s.p20, s.p80, s.p99, s.min, s.n, first, settle_s)
+
+
+def settle(call: Callable[[int], object], seconds: float, device=None, per_call: float = 1e-3) -> int:
+    """Run ``call(i)`` back-to-back for at least ``seconds`` (synchronising every ~10 ms); returns the count.
+
+    A GPU under full load lowers its clock within tens of milliseconds to stay inside its power limit,
+    so a short timing after idle sees the boost clock and a long one the sustained clock. Settling
+    first makes every timing see the sustained clock, whatever its length or what ran before it.
+    """
+    dev = _guess_device(device)
+    chunk = max(1, int(0.01 / max(per_call, 1e-9)))
+    t0, i = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(chunk):
+            call(i)
+            i += 1
+        synchronize(dev)
+    return i
 
 
 def _timed_reps(call, n: int, dev: torch.device, flush_l2: bool) -> list[float]:
@@ -184,3 +211,55 @@ def stopwatch(device=None):
     finally:
         synchronize(dev)
         out.seconds = time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------- CUDA graphs
+@dataclass
+class Graphed:
+    """``run()`` replays the captured calls; ``check()`` poisons their outputs (NaN), replays once and
+    returns them, so they can be compared with a reference before anything is timed."""
+
+    run: Callable[[], object]
+    check: Callable[[], object]
+    is_graph: bool
+    note: str
+
+
+def _poison(x) -> None:
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        x.fill_(float("nan"))
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            _poison(v)
+
+
+def graphed(fn: Callable[[], object], device=None) -> Graphed:
+    """Capture ``fn`` (a fixed sequence of GPU ops) in one CUDA graph; replaying it costs one CPU launch
+    for all its kernels, so timing the replay measures GPU time rather than Python's launch rate.
+
+    On a CPU, or if capture fails, ``run`` is ``fn`` itself and ``note`` says so (nothing is hidden).
+    Used in lab1 §Sweeps, §Launch overhead, §Layer by layer.
+    """
+    dev = _guess_device(device)
+    if dev.type != "cuda":
+        return Graphed(fn, fn, False, "eager (CUDA graphs need a GPU)")
+    try:
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            fn()  # warm-up off the default stream, as capture requires
+        torch.cuda.current_stream(dev).wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            outs = fn()
+    except RuntimeError as e:  # a capture-unsafe op: time it eagerly and say so
+        torch.cuda.synchronize(dev)
+        return Graphed(fn, fn, False, f"eager (CUDA-graph capture failed: {str(e)[:80]})")
+
+    def check():
+        _poison(outs)
+        g.replay()
+        torch.cuda.synchronize(dev)
+        return outs
+
+    return Graphed(g.replay, check, True, "CUDA graph replay")

@@ -1,9 +1,10 @@
 import math
+import time
 
 import pytest
 import torch
 
-from labutils import hardware
+from labutils import hardware, timing
 
 
 @pytest.mark.parametrize("name,slug", [
@@ -54,6 +55,32 @@ def test_gemm_checks_then_times():
     r = hardware.gemm(64, 96, 128, "float32", device="cpu", reps=5)
     assert r.rel_err < 1e-5
     assert r.flops_per_s == pytest.approx(2 * 64 * 96 * 128 / r.timing.median_s)
+
+
+def test_gemm_settles_only_on_a_gpu_unless_asked():
+    assert hardware.gemm(32, 32, 32, "float32", device="cpu", reps=5).timing.settle_s == 0.0
+    assert hardware.gemm(32, 32, 32, "float32", device="cpu", reps=5, settle_s=0.02).timing.settle_s == 0.02
+    assert hardware.matmul_peak("float32", size=32, device="cpu", reps=5, settle_s=0.01).timing.settle_s == 0.01
+    assert hardware.SETTLE_S > 0
+
+
+@pytest.mark.parametrize("settle_s", [0.0, 0.05])
+def test_settle_runs_back_to_back_for_its_time_before_the_timed_reps(settle_s):
+    stamps = []
+    t = timing.benchmark(lambda: stamps.append(time.perf_counter()), device="cpu", warmup=2, reps=5,
+                         settle_s=settle_s)
+    untimed = len(stamps) - 1 - 2 - t.n  # calls that were neither first, warm-up nor timed
+    assert t.settle_s == settle_s and t.n == 5
+    if settle_s == 0:
+        assert untimed == 0
+    else:  # the settle loop cannot stop before its time is up: a lower bound, not a timing assert
+        assert untimed > 0 and stamps[-t.n] - stamps[2] >= settle_s  # [2]: the last warm-up
+
+
+def test_settle_counts_its_calls():
+    seen = []
+    n = timing.settle(seen.append, 0.01, device="cpu", per_call=1e-3)
+    assert n == len(seen) >= 10 and n % 10 == 0 and seen[:3] == [0, 1, 2]  # chunks of 10 ms / per_call
 
 
 def test_gemm_bad_dtype_and_missing_fp8_say_what_to_do():

@@ -226,6 +226,6 @@ def test_outliers_name_the_rule_that_fits():
 def test_launch_overhead_and_graphs_on_this_device():
     lo = gs.launch_overhead(20, device="cpu", reps=3)
     assert lo.graph_s_per_op is None and math.isfinite(lo.eager_s_per_op)
-    g = hardware.graphed(lambda: torch.ones(3), device="cpu")
+    g = timing.graphed(lambda: torch.ones(3), device="cpu")
     assert not g.is_graph and "GPU" in g.note and torch.equal(g.check(), torch.ones(3))
     assert gs.kernel_names([(8, 8, 8)], device="cpu") == [None]

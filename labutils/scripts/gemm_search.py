@@ -1,8 +1,10 @@
 """GEMM sweeps for lab1, and a shape search for the best GEMM this device can do.
 
-Every product is checked against float64 by ``hardware.gemm`` before it is timed. When the
-operands fit in the last-level cache, ``sweep`` rotates through enough copies that each call
-reads from memory, as a real model's layers do.
+Every product is checked against float64 by ``hardware.gemm`` before it is timed, and on a GPU
+timed only after ``hardware.SETTLE_S`` seconds of running back-to-back, so that every shape, in a
+sweep or in the search, is timed at the clock the GPU sustains under load. When the operands fit
+in the last-level cache, ``sweep`` rotates through enough copies that each call reads from memory,
+as a real model's layers do.
 
     python -m labutils.scripts.gemm_search                       # bf16, M,N,K in 7680..8704 on a GPU
     python -m labutils.scripts.gemm_search --values 448 512 576  # the small-profile grid (CPU)
@@ -45,7 +47,7 @@ def rotation(m: int, n: int, k: int, dtype: str, cache: int, most: int = 16) -> 
 
 
 def sweep(shapes, dtype: str = "bfloat16", *, device=None, reps: int = 30, max_time_s: float = 1.0,
-          progress: bool = True, desc: str = "") -> list[hardware.GemmResult]:
+          settle_s: float | None = None, progress: bool = True, desc: str = "") -> list[hardware.GemmResult]:
     """Check and time every (m, n, k) in ``shapes``, rotating operands that fit in cache.
 
     On a GPU the products are replayed from a CUDA graph: each point is the GPU's time for the kernel,
@@ -57,7 +59,7 @@ def sweep(shapes, dtype: str = "bfloat16", *, device=None, reps: int = 30, max_t
     out = []
     for m, n, k in tqdm(list(shapes), desc=desc or f"{dtype} GEMMs", disable=not progress, leave=False):
         out.append(hardware.gemm(m, n, k, dtype, device, reps=reps, max_time_s=max_time_s,
-                                 rotate=rotation(m, n, k, dtype, cache), graph=True))
+                                 rotate=rotation(m, n, k, dtype, cache), graph=True, settle_s=settle_s))
     return out
 
 
@@ -79,17 +81,20 @@ class Search:
             return {"m": r.m, "n": r.n, "k": r.k, "tflops": r.flops_per_s / 1e12, "rel_err": r.rel_err}
 
         return {"dtype": self.dtype, "values": list(self.values), "n_total": self.n_total,
-                "n_done": len(self.results), "seconds": self.seconds, "best": self.best.as_dict(),
+                "n_done": len(self.results), "seconds": self.seconds, "settle_s": self.best.timing.settle_s,
+                "best": self.best.as_dict(),
                 "confirmed": [row(r) for r in self.confirmed], "results": [row(r) for r in self.results]}
 
 
 def search(values, dtype: str = "bfloat16", *, device=None, budget_s: float = 90.0, reps: int = 50,
-           confirm: int = 5, progress: bool = True) -> Search:
+           confirm: int = 5, settle_s: float | None = None, progress: bool = True) -> Search:
     """Every (M, N, K) with each dimension in ``values``, checked then timed briefly (stops at
     ``budget_s``); then the ``confirm`` fastest and the middle cube are timed again with ``reps``.
 
-    The second pass guards against the winner's curse: the fastest of many short, noisy timings is
-    biased upwards, so the reported best is a re-measured one, timed exactly like the lab's GEMMs.
+    Both passes settle first (``settle_s``, see ``hardware.gemm``), so shapes are ranked at the
+    sustained clock. The second pass guards against the winner's curse: the fastest of many short,
+    noisy timings is biased upwards, so the reported best is a re-measured one, timed exactly like
+    the lab's GEMMs.
     """
     from tqdm.auto import tqdm
 
@@ -101,10 +106,11 @@ def search(values, dtype: str = "bfloat16", *, device=None, budget_s: float = 90
     for m, n, k in tqdm(grid, desc=f"shape search ({dtype})", disable=not progress, leave=False):
         if time.perf_counter() - t0 > budget_s:
             break
-        done.append(hardware.gemm(m, n, k, dtype, device, reps=10, max_time_s=0.3))
+        done.append(hardware.gemm(m, n, k, dtype, device, reps=10, max_time_s=0.3, settle_s=settle_s))
     done.sort(key=lambda r: -r.flops_per_s)
     again = list(dict.fromkeys([(r.m, r.n, r.k) for r in done[:confirm]] + [mid]))
-    confirmed = sorted((hardware.gemm(*s, dtype, device, reps=reps) for s in again), key=lambda r: -r.flops_per_s)
+    confirmed = sorted((hardware.gemm(*s, dtype, device, reps=reps, settle_s=settle_s) for s in again),
+                       key=lambda r: -r.flops_per_s)
     return Search(dtype, vals, done, confirmed, len(grid), time.perf_counter() - t0)
 
 
@@ -238,7 +244,7 @@ def launch_overhead(n_ops: int = 200, numel: int = 1024, device=None, reps: int 
     eager = timing.benchmark(chain, device=dev, reps=reps, label=f"{n_ops} adds, eager")
     graph = None
     if dev.type == "cuda":
-        g = hardware.graphed(chain, device=dev)
+        g = timing.graphed(chain, device=dev)
         check(g.run, g.note)
         graph = timing.benchmark(g.run, device=dev, reps=reps, label=f"{n_ops} adds, {g.note}")
     return Launch(n_ops, numel, eager.median_s / n_ops, graph and graph.median_s / n_ops, eager, graph)
@@ -250,6 +256,8 @@ def main(argv=None) -> int:
     ap.add_argument("--values", type=int, nargs="+", default=None,
                     help="sizes tried for each of M, N, K (default: 7680..8704 step 256 on a GPU, 448..576 on CPU)")
     ap.add_argument("--budget", type=float, default=90.0, help="seconds before the search stops")
+    ap.add_argument("--settle", type=float, default=None,
+                    help=f"seconds each GEMM runs before it is timed (default {hardware.SETTLE_S} on a GPU, 0 on CPU)")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     ap.add_argument("--names", nargs="+", metavar="M,N,K", default=None,
                     help="instead of searching, print (JSON) the GPU kernel each product launches")
@@ -259,7 +267,7 @@ def main(argv=None) -> int:
         return 0
     gpu = torch.cuda.is_available()
     values = args.values or (list(range(7680, 8705, 256)) if gpu else [448, 512, 576])
-    s = search(values, args.dtype, budget_s=args.budget)
+    s = search(values, args.dtype, budget_s=args.budget, settle_s=args.settle)
     for r in s.confirmed:
         print(f"{r.m:6d} {r.n:6d} {r.k:6d}  {r.flops_per_s / 1e12:8.2f} TFLOP/s  rel err {r.rel_err:.1e}")
     print(f"best of {len(s.results)}/{s.n_total} shapes (re-measured) in {s.seconds:.0f} s: "
