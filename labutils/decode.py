@@ -1,0 +1,355 @@
+"""Generation benchmarks (TTFT, TPOT, ITL, tokens/s, MBU, MFU) and the decode loops of lab4.
+
+- Cost model: bytes and FLOPs of one decode step (``step_cost``), MBU/MFU, $/1M tokens.
+- Steppers: ``prefill(ids)`` and ``step(token, pos)`` -> logits, what every rung of the ladder does:
+  ``HFStepper`` (HF model, dynamic or static cache, optionally compiled) and ``LeanStepper`` (the
+  lean model of ``labutils.quant``, compiled with CUDA graphs on a GPU, gpt-fast's recipe).
+- ``loop_generate`` / ``hf_generate`` with a ``TokenClock``; ``measure`` -> ``DecodeRun``; ``check``:
+  teacher-forced logits vs the HF model's (random weights make greedy tokens flip on near-ties).
+- ``profile_decode`` (device-busy vs wall time) and ``batch_sweep`` (memory -> compute bound).
+
+Used in lab4 §Roofline, §Profile, §Ladder, §Batch sweep, §Cost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from . import models, quant, timing
+from .quant import LeanMistral, quantize_int8  # noqa: F401 - the notebook's entry points
+
+
+# ---------------------------------------------------------------- cost model
+@dataclass(frozen=True)
+class StepCost:
+    """One decode step of a whole batch: bytes read from memory and FLOPs."""
+
+    bytes: float
+    flops: float
+    batch: int
+
+    def roofline_s(self, read_Bps: float, peak_flops: float) -> float:
+        return max(self.bytes / read_Bps, self.flops / peak_flops)
+
+
+def step_cost(name: str, batch: int, context: int, weight_bytes: float, kv_dtype_bytes: float = 2) -> StepCost:
+    """Weights read once per step (shared by the batch) + every sequence's ``context`` cached K,V;
+    FLOPs: 2 per multiplied weight per token + attention over ``context`` keys (``models.estimate``)."""
+    e = models.estimate(name)
+    kv = batch * context * 2 * e.layers * e.kv_heads * e.head_dim * kv_dtype_bytes
+    return StepCost(weight_bytes + kv, batch * e.flops_per_token(context), batch)
+
+
+def mbu(bytes_per_step: float, step_s: float, read_Bps: float) -> float:
+    """Model bandwidth utilisation: bytes a step must read / its time / the measured read bandwidth."""
+    return bytes_per_step / step_s / read_Bps
+
+
+def usd_per_million_tokens(tok_s: float, usd_per_hour: float) -> float:
+    return usd_per_hour / 3600 / tok_s * 1e6
+
+
+# ---------------------------------------------------------------- steppers: prefill + one-token step
+#: torch.compile options of the lean rung: CUDA graphs (what mode="reduce-overhead" sets) plus gpt-fast's
+#: coordinate-descent tuning, under which Inductor turns an M=1 matmul into a tuned reduction kernel (and an
+#: int8 -> bf16 conversion fuses into its weight read). Passed per compile: no global setting changes.
+FAST_OPTIONS = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
+
+
+class LeanStepper:
+    """Prefill eagerly; ``step`` eager, or compiled with ``options`` (default ``FAST_OPTIONS``)."""
+
+    def __init__(self, model: LeanMistral, batch: int, max_len: int, compile: bool = False, options=None):
+        self.model, self.compiled = model.setup_cache(batch, max_len), compile
+        opts = FAST_OPTIONS if options is None else options
+        self.fn = torch.compile(model, fullgraph=True, options=opts) if compile else model
+
+    @torch.no_grad()
+    def prefill(self, ids):
+        return self.model(ids, torch.arange(ids.shape[1], device=ids.device))[:, -1]
+
+    @torch.no_grad()
+    def step(self, tok, pos):
+        if self.compiled:
+            torch.compiler.cudagraph_mark_step_begin()
+        return self.fn(tok, pos)[:, -1].clone()  # a graph's output is overwritten by its next replay
+
+
+class HFStepper:
+    """The HF model with a DynamicCache (grows by concatenation) or a StaticCache (preallocated)."""
+
+    def __init__(self, model, batch: int, max_len: int, static: bool = True, compile: bool = False):
+        from transformers import StaticCache
+
+        self.model, self.static, self.compiled = model, static, compile
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len) if static else None
+        self.fn = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True) if compile else model.forward
+
+    @torch.no_grad()
+    def prefill(self, ids):
+        from transformers import DynamicCache
+
+        if self.static:
+            self.cache.reset()
+        else:
+            self.cache = DynamicCache(config=self.model.config)
+        pos = torch.arange(ids.shape[1], device=ids.device)[None]
+        return self.model(input_ids=ids, position_ids=pos, past_key_values=self.cache, use_cache=True).logits[:, -1]
+
+    @torch.no_grad()
+    def step(self, tok, pos):
+        if self.compiled:
+            torch.compiler.cudagraph_mark_step_begin()
+        out = self.fn(input_ids=tok, position_ids=pos.view(1, 1), past_key_values=self.cache, use_cache=True)
+        return out.logits[:, -1].clone()
+
+
+# ---------------------------------------------------------------- generation with a token clock
+class TokenClock:
+    """A timestamp per token on the device's clock: CUDA events (recorded without a sync), else perf_counter."""
+
+    def __init__(self, device):
+        self.cuda, self.marks = torch.device(device).type == "cuda", []
+
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()  # CPU ops are synchronous
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
+    def start(self):
+        self.marks = [self._now()]
+
+    def mark(self):
+        self.marks.append(self._now())
+
+    def seconds(self) -> list[float]:
+        """Time of every mark since ``start``."""
+        if self.cuda:
+            self.marks[-1].synchronize()
+            return [self.marks[0].elapsed_time(e) / 1e3 for e in self.marks[1:]]
+        return [t - self.marks[0] for t in self.marks[1:]]
+
+
+def loop_generate(stepper, prompt, new_tokens: int, clock: TokenClock | None = None):
+    """Greedy: prefill, then ``new_tokens - 1`` steps; the next token never leaves the device. -> (B, new_tokens)"""
+    P = prompt.shape[1]
+    pos = torch.arange(P, P + new_tokens, device=prompt.device)
+    clock and clock.start()
+    out = [stepper.prefill(prompt).argmax(-1, keepdim=True)]
+    clock and clock.mark()
+    for i in range(new_tokens - 1):
+        out.append(stepper.step(out[-1], pos[i:i + 1]).argmax(-1, keepdim=True))
+        clock and clock.mark()
+    return torch.cat(out, 1)
+
+
+def hf_generate(model, prompt, new_tokens: int, clock: TokenClock | None = None, static: bool = False,
+                compile: bool = False):
+    """``model.generate`` greedy, exactly ``new_tokens`` new tokens; a streamer marks the clock at each.
+    ``static``: a StaticCache; on a GPU transformers then compiles the forward itself unless ``compile=False``."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Marks(BaseStreamer):
+        first = True  # generate puts the prompt first
+
+        def put(self, value):
+            if not self.first:
+                clock.mark()
+            self.first = False
+
+        def end(self):
+            pass
+
+    clock and clock.start()
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=model.config.eos_token_id,
+                         streamer=Marks() if clock else None, disable_compile=not compile,
+                         **({"cache_implementation": "static"} if static else {}))
+    return out[:, prompt.shape[1]:]
+
+
+# ---------------------------------------------------------------- one rung, measured
+@dataclass
+class DecodeRun:
+    rung: str
+    batch: int
+    prompt_len: int
+    new_tokens: int
+    tokens: int  # new tokens counted in the output of a run (batch x new_tokens)
+    ttft_s: float  # prefill -> first token
+    tpot_s: float  # (e2e - ttft) / (new_tokens - 1): one decode step
+    itl_p50_s: float
+    itl_p99_s: float
+    e2e_s: float
+    warmup_s: float  # first call: compilation, CUDA-graph capture, lazy allocation
+    cost: StepCost
+    read_Bps: float
+    peak_flops: float
+    note: str = ""
+
+    @property
+    def tok_s(self) -> float:
+        return self.batch / self.tpot_s
+
+    @property
+    def mbu(self) -> float:
+        return mbu(self.cost.bytes, self.tpot_s, self.read_Bps)
+
+    @property
+    def mfu(self) -> float:
+        return self.cost.flops / self.tpot_s / self.peak_flops
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"tok_s": self.tok_s, "mbu": self.mbu, "mfu": self.mfu}
+
+    def row(self) -> dict:
+        return {"rung": self.rung, "tok/s": self.tok_s, "MBU %": 100 * self.mbu, "TTFT ms": 1e3 * self.ttft_s,
+                "TPOT ms": 1e3 * self.tpot_s, "p50 ms": 1e3 * self.itl_p50_s, "p99 ms": 1e3 * self.itl_p99_s,
+                "warm-up s": self.warmup_s}
+
+
+def measure(rung: str, generate, prompt, new_tokens: int, cost: StepCost, read_Bps: float, peak_flops: float,
+            reps: int = 3, warmup: int = 1, note: str = "") -> DecodeRun:
+    """``generate(prompt, new_tokens, clock)``: a first call (timed apart), ``warmup`` more, ``reps`` timed runs."""
+    clock, runs = TokenClock(prompt.device), []
+
+    def once():
+        clock.start()
+        out = generate(prompt, new_tokens, clock)
+        runs.append((clock.seconds(), out))
+
+    t = timing.benchmark(once, warmup=warmup, reps=reps, min_reps=reps, max_time_s=float("inf"), device=prompt.device)
+    timed = runs[1 + warmup:]
+    for marks, out in runs:
+        if tuple(out.shape) != (prompt.shape[0], new_tokens) or len(marks) != new_tokens:
+            raise RuntimeError(f"{rung}: expected {new_tokens} tokens per sequence, got {tuple(out.shape)}")
+    ttft = timing.stats([m[0] for m, _ in timed]).p50
+    e2e = timing.stats([m[-1] for m, _ in timed]).p50
+    itl = timing.stats([b - a for m, _ in timed for a, b in zip(m, m[1:])])
+    tpot = (e2e - ttft) / max(new_tokens - 1, 1)
+    return DecodeRun(rung, prompt.shape[0], prompt.shape[1], new_tokens, timed[0][1].numel(), ttft, tpot,
+                     itl.p50, itl.p99, e2e, t.first_call_s, cost, read_Bps, peak_flops, note)
+
+
+# ---------------------------------------------------------------- correctness: teacher-forced logits
+def rel_err(a, b) -> float:
+    a, b = a.detach().double(), b.detach().double().to(a.device)
+    return ((a - b).norm() / b.norm()).item()
+
+
+@torch.no_grad()
+def reference_logits(model, prompt, forced):
+    """HF forward over prompt + forced tokens without a cache: the logits that predict each forced token."""
+    ids = torch.cat([prompt, forced[:, :-1]], 1)
+    return model(input_ids=ids, use_cache=False).logits[:, prompt.shape[1] - 1:].float().transpose(0, 1)
+
+
+@torch.no_grad()
+def teacher_forced(stepper, prompt, forced):
+    """The stepper's logits (steps, B, vocab) when fed ``forced`` instead of its own greedy tokens."""
+    P = prompt.shape[1]
+    out = [stepper.prefill(prompt).float()]
+    for i in range(forced.shape[1] - 1):  # inputs laid out as loop_generate's (same strides: no recompile)
+        tok = forced[:, i:i + 1].clone(memory_format=torch.contiguous_format)
+        out.append(stepper.step(tok, torch.arange(P + i, P + i + 1, device=prompt.device)).float())
+    return torch.stack(out)
+
+
+def check(stepper, prompt, forced, ref, tol: float) -> dict:
+    """Relative error of the stepper's teacher-forced logits vs ``ref``; raises above ``tol``.
+    Timed with a stopwatch: on a compiled stepper this first use holds the compilation."""
+    with timing.stopwatch(prompt.device) as t:
+        err = rel_err(teacher_forced(stepper, prompt, forced), ref)
+    if not err <= tol:  # also catches NaN
+        raise RuntimeError(f"logits differ from the reference by {err:.2e} (relative) > tolerance {tol:.0e}")
+    return {"rel_err": err, "tol": tol, "steps": forced.shape[1], "first_use_s": t.seconds}
+
+
+# ---------------------------------------------------------------- where the time goes
+def profile_decode(stepper, prompt, steps: int = 5, top: int = 8) -> dict:
+    """torch.profiler over ``steps`` decode steps: wall vs busy time per token, launches per token, top kernels.
+    ``wall_s_per_token`` is timed without the profiler (which slows every launch); busy is from the profile.
+
+    GPU: busy = the summed durations of device kernels (and copies); for the rest of the wall time the
+    GPU idles, waiting for Python to launch the next kernel. CPU: busy = the time inside the ATen ops
+    that Python called; the rest is Python between them, which on a GPU shows as idle gaps.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    dev, P = prompt.device, prompt.shape[1]
+    cuda = dev.type == "cuda"
+    walls, acts = [], [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    for profiled in (False, False, True):  # warm-up, plain (the profiler slows every launch), profiled
+        tok = stepper.prefill(prompt).argmax(-1, keepdim=True)
+        with profile(activities=acts) if profiled else contextlib.nullcontext() as prof, \
+                timing.stopwatch(dev) as wall:
+            for i in range(steps):
+                tok = stepper.step(tok, torch.arange(P + i, P + i + 1, device=dev)).argmax(-1, keepdim=True)
+        walls.append(wall.seconds)
+    if cuda:  # kernels and copies on the device
+        evs = [(e.name, e.time_range.elapsed_us()) for e in prof.events() if e.device_type == DeviceType.CUDA]
+    else:  # ops called from Python (each would launch >= 1 kernel on a GPU), timed with their children
+        evs = [(e.name, e.cpu_time_total) for e in prof.events() if e.cpu_parent is None]
+    agg: dict[str, list[float]] = {}
+    for name, us in evs:
+        a = agg.setdefault(name, [0, 0.0])
+        a[0], a[1] = a[0] + 1, a[1] + us
+    busy = sum(us for _, us in evs) / 1e6
+    rows = [{"kernel" if cuda else "op": n[:70], "calls/token": c / steps, "us/token": us / steps,
+             "% of busy": 100 * us / 1e6 / busy} for n, (c, us) in sorted(agg.items(), key=lambda kv: -kv[1][1])]
+    return {"device": dev.type, "steps": steps, "wall_s_per_token": walls[1] / steps,
+            "wall_profiled_s_per_token": walls[2] / steps, "busy_s_per_token": busy / steps,
+            "busy_fraction": min(1.0, busy / walls[1 if cuda else 2]),  # CPU ops are slowed by the profiler too
+            "launches_per_token": len(evs) / steps, "top": rows[:top]}
+
+
+# ---------------------------------------------------------------- batch sweep
+def cuda_graph(fn):
+    """Capture ``fn()`` once as a CUDA graph; the returned callable replays it (one launch) -> its output."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()  # warm-up on a side stream, as capture requires
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    return lambda: (g.replay(), out)[1]
+
+
+@torch.no_grad()
+def batch_sweep(model: LeanMistral, name: str, batches, context: int, read_Bps: float, peak_flops: float,
+                graphs: bool | None = None, max_time_s: float = 1.0) -> list[dict]:
+    """One decode step at each batch size over a ``context``-token KV cache (random K,V, never zeros).
+
+    The eager lean model, replayed as a CUDA graph on a GPU (one capture per batch size, no recompile);
+    each batch size gets its own cache in a weight-sharing copy, so ``model`` is left as it was.
+    """
+    dev, wbytes, rows = model.norm.device, quant.weight_bytes(model), []
+    graphs = dev.type == "cuda" if graphs is None else graphs
+    S = -(-(context + 1) // 64) * 64  # cache slots, all read every step (masked SDPA)
+    for b in batches:
+        m = quant.copy_structure(model).setup_cache(b, S)
+        for blk in m.layers:
+            blk.k_cache.normal_(), blk.v_cache.normal_()
+        tok = torch.randint(3, m.c.vocab, (b, 1), device=dev)
+        pos = torch.tensor([context], device=dev)
+        ref = m(tok, pos).float()
+        fwd = lambda m=m, tok=tok, pos=pos: m(tok, pos)  # noqa: E731
+        run = cuda_graph(fwd) if graphs else fwd
+        err = rel_err(run().float(), ref)
+        t = timing.benchmark(run, device=dev, warmup=2, reps=30, max_time_s=max_time_s)
+        c = step_cost(name, b, S, wbytes)
+        rows.append({"batch": b, "step_ms": 1e3 * t.median_s, "tok_s": b / t.median_s,
+                     "roofline_tok_s": b / c.roofline_s(read_Bps, peak_flops),
+                     "mbu": mbu(c.bytes, t.median_s, read_Bps), "mfu": c.flops / t.median_s / peak_flops,
+                     "rel_err_graph_vs_eager": err})
+        del m, run
+    return rows

@@ -1,0 +1,164 @@
+"""The lab4 decode ladder as one script: every rung checked against the HF model's logits, then timed.
+
+Rungs: a = HF ``generate`` eager (dynamic cache); b = ``generate`` with a static cache, not
+compiled; c = HF forward compiled (reduce-overhead: CUDA graphs) in a static-cache loop; d = the
+lean model (labutils.quant.LeanMistral), compiled with coordinate-descent tuning; d0 = the same
+without it; e = the lean model with int8 weights (``--int8``: an Int8Linear implementation, or
+"auto": the fastest in a one-matrix kernel test, whose table is printed). Prints one table (tok/s, MBU, ms/token
+p50/p99, warm-up, first use = compile) and writes everything as JSON.
+
+    python -m labutils.scripts.decode_bench                          # CPU: mistral-7b-small, eager rungs
+    python -m labutils.scripts.decode_bench --model mistral-7b       # 1 GPU: the 7B, random weights
+    python -m labutils.scripts.decode_bench --rungs d,e --sweep 1,8,64 --out decode.json
+
+Multi-GPU or multi-node runs do not apply: batch-1 decode is a one-device problem here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import time
+
+from labutils import decode, hardware, models, plots, quant, results, roofline, timing
+from labutils import profile as _profile
+
+RUNGS = ("a", "b", "c", "d", "e", "d0")
+NAMES = {"a": "a: generate, eager", "b": "b: generate, static cache", "c": "c: HF forward compiled",
+         "d": "d: lean, compiled", "e": "e: lean int8, compiled", "d0": "d0: lean, compiled, no coord. descent"}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def main(argv=None) -> int:
+    prof = _profile.get()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=prof.big_model, help="labutils.models preset (default: %(default)s)")
+    ap.add_argument("--prompt", type=int, default=prof.prompt_tokens, help="prompt tokens (default: %(default)s)")
+    ap.add_argument("--new-tokens", type=int, default=prof.new_tokens, help="new tokens (default: %(default)s)")
+    ap.add_argument("--slow-tokens", type=int, default=32, help="new tokens for rungs a, b (default: %(default)s)")
+    ap.add_argument("--reps", type=int, default=3, help="timed generations per rung (default: %(default)s)")
+    ap.add_argument("--rungs", default="a,b,c,d,e", help="comma list of %(default)s")
+    ap.add_argument("--sweep", default=",".join(map(str, prof.batch_sweep)), help="batch sizes ('' = none)")
+    ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="auto: on a GPU only")
+    ap.add_argument("--int8", choices=("auto", *quant.IMPLS), default="dequant",
+                    help="Int8Linear implementation; auto: the fastest in a one-matrix test (default: %(default)s)")
+    ap.add_argument("--tol", type=float, nargs=2, default=(0.1, 0.3), metavar=("BF16", "INT8"),
+                    help="relative logit error allowed (default: %(default)s)")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="skip the stages left after this many seconds")
+    ap.add_argument("--out", default="", help="write the JSON here (default: results dir via labutils.results)")
+    args = ap.parse_args(argv)
+    t_start = time.perf_counter()
+    dev = hardware.default_device()
+    comp = args.compile == "on" or (args.compile == "auto" and dev.type == "cuda")
+    rec: dict = {"args": vars(args), "device": hardware.describe().name, "stages_s": {}, "runs": {}, "checks": {}}
+
+    def save():
+        if args.out:
+            results.atomic_write_bytes(__import__("pathlib").Path(args.out), json.dumps(
+                results._jsonable(rec | {"fingerprint": hardware.fingerprint()}), indent=1).encode())
+        else:
+            results.save("lab4", "decode_bench", rec)
+
+    def stage(name):
+        rec["stages_s"][name] = time.perf_counter() - t_start
+        log(f"{name} (t={rec['stages_s'][name]:.0f} s)")
+
+    with timing.stopwatch(dev) as t:
+        loaded = models.load(args.model, device=dev)
+    hf = loaded.model
+    rec["load_s"] = t.seconds
+    log(f"loaded {args.model} in {t.seconds:.1f} s: {loaded.note[:90]}")
+    bw = hardware.measure_bandwidth(prof.bandwidth_bytes, dev).read_Bps
+    peak = hardware.matmul_peak("bfloat16" if dev.type == "cuda" else "float32", device=dev).flops_per_s
+    rec |= {"read_Bps": bw, "peak_flops": peak}
+    B, P, N = 1, args.prompt, args.new_tokens
+    max_len = -(-(P + N) // 64) * 64
+    prompt = roofline.token_ids(B, P).to(dev)
+    forced = roofline.token_ids(B, 8, seed=1).to(dev)
+    ref = decode.reference_logits(hf, prompt, forced)
+    wb = quant.weight_bytes(hf)
+    cost16 = decode.step_cost(args.model, B, max_len, wb)
+    floor = cost16.roofline_s(bw, peak)
+    log(f"read {bw / 1e12:.3f} TB/s, matmul {peak / 1e12:.0f} TFLOP/s; {wb / 1e9:.2f} GB weights/step "
+        f"-> roofline {1e3 * floor:.2f} ms/token, {1 / floor:.0f} tok/s")
+
+    st = decode.HFStepper(hf, B, max_len, static=False)
+    p = decode.profile_decode(st, prompt, steps=4)
+    rec["profile_eager"] = p
+    log(f"eager profile: wall {1e3 * p['wall_s_per_token']:.1f} ms/token, busy {100 * p['busy_fraction']:.0f}%, "
+        f"{p['launches_per_token']:.0f} launches/token")
+
+    shared: dict = {}
+    if args.int8 == "auto":
+        kb = quant.kernel_bench(28672, 4096, hf.dtype, dev, compile=comp) if dev.type == "cuda" else \
+            quant.kernel_bench(3584, 512, hf.dtype, dev)
+        rec["int8_kernels"] = kb
+        print(plots.table(kb, floatfmt=".4g"))
+        best = max([r for r in kb if "GB/s" in r and "int8" in r["variant"]], key=lambda r: r["GB/s"])
+        args.int8 = best["variant"].split()[1]
+        log(f"int8 kernel test done: rung e uses {args.int8!r}")
+    for r in [x for x in args.rungs.split(",") if x]:
+        if time.perf_counter() - t_start > args.budget_s:
+            log(f"budget spent: skipping rung {r}")
+            continue
+        try:
+            run_rung(r, rec, hf, prompt, forced, ref, max_len, N, args, comp, bw, peak, cost16, shared)
+        except Exception as e:  # noqa: BLE001 - report and go on with the next rung
+            rec["runs"][r] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            log(f"rung {r} FAILED: {type(e).__name__}: {str(e)[:400]}")
+        stage(f"rung {r}")
+        save()
+    shared.clear()
+    sweep = [int(b) for b in args.sweep.split(",") if b]
+    if sweep and time.perf_counter() - t_start < args.budget_s:
+        lean = decode.LeanMistral.from_hf(hf)
+        rec["sweep"] = decode.batch_sweep(lean, args.model, sweep, P, bw, peak)
+        stage("sweep")
+        print(plots.table(rec["sweep"], floatfmt=".3g"))
+    save()
+    rows = [{k2: v2 for k2, v2 in v.items() if k2 != "detail"} for v in rec["runs"].values() if "tok/s" in v]
+    print(plots.table(rows, floatfmt=".4g"))
+    log(f"done in {time.perf_counter() - t_start:.0f} s")
+    return 0
+
+
+def run_rung(r, rec, hf, prompt, forced, ref, max_len, N, args, comp, bw, peak, cost16, shared):
+    tol16, tol8 = args.tol
+    n, warm = N, 1
+    if r == "a":
+        chk = decode.check(decode.HFStepper(hf, 1, max_len, static=False), prompt, forced, ref, tol16)
+        gen, n, cost, warm = functools.partial(decode.hf_generate, hf), args.slow_tokens, cost16, 0
+    elif r == "b":
+        chk = decode.check(decode.HFStepper(hf, 1, max_len, static=True), prompt, forced, ref, tol16)
+        gen, n, cost, warm = functools.partial(decode.hf_generate, hf, static=True), args.slow_tokens, cost16, 0
+    elif r == "c":
+        st = decode.HFStepper(hf, 1, max_len, static=True, compile=comp)
+        chk = decode.check(st, prompt, forced, ref, tol16)
+        gen, cost = functools.partial(decode.loop_generate, st), cost16
+    else:
+        if "lean" not in shared:
+            with timing.stopwatch(prompt.device) as t:
+                shared["lean"] = decode.LeanMistral.from_hf(hf)
+            rec["lean_build_s"] = t.seconds
+        lean = shared["lean"]
+        model = lean if r in ("d", "d0") else quant.quantize_int8(lean, args.int8)
+        st = decode.LeanStepper(model, 1, max_len, compile=comp,
+                                options={"triton.cudagraphs": True} if r == "d0" else None)
+        chk = decode.check(st, prompt, forced, ref, tol16 if r in ("d", "d0") else tol8)
+        cost = decode.step_cost(args.model, 1, max_len, quant.weight_bytes(model))
+        gen = functools.partial(decode.loop_generate, st)
+    run = decode.measure(NAMES[r], gen, prompt, n, cost, bw, peak, reps=args.reps, warmup=warm)
+    rec["checks"][r] = chk
+    rec["runs"][r] = run.row() | {"first_use_s": chk["first_use_s"], "rel_err": chk["rel_err"],
+                                  "GB/step": cost.bytes / 1e9, "detail": run.as_dict()}
+    log(f"{NAMES[r]}: {run.tok_s:.1f} tok/s, MBU {100 * run.mbu:.1f}%, p99 {1e3 * run.itl_p99_s:.2f} ms, "
+        f"first use {chk['first_use_s']:.1f} s, rel err {chk['rel_err']:.2e}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""labutils.decode and labutils.quant on the CPU: the lean model against HF's logits, int8 error
+bounds, and the decode benchmark's bookkeeping."""
+
+import functools
+
+import pytest
+import torch
+
+from labutils import decode, quant
+
+TOL_F32 = 1e-4  # float32 everywhere: different op order only
+
+
+@pytest.fixture(scope="module")
+def hf():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    # GQA (8 query heads share 2 KV heads) so the folded-SDPA path is exercised
+    cfg = MistralConfig(hidden_size=128, intermediate_size=448, num_hidden_layers=2, num_attention_heads=8,
+                        num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, rope_theta=10000.0,
+                        sliding_window=None, tie_word_embeddings=False)
+    return MistralForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(3, 512, (2, 11), generator=g), torch.randint(3, 512, (2, 6), generator=g)
+
+
+def test_lean_matches_hf_prefill_and_cached_decode(hf, data):
+    prompt, forced = data
+    ref = decode.reference_logits(hf, prompt, forced)  # one pass, no cache
+    assert ref.shape == (6, 2, 512)
+    lean = decode.LeanMistral.from_hf(hf)
+    got = decode.teacher_forced(decode.LeanStepper(lean, 2, 32), prompt, forced)  # prefill + 5 cached steps
+    assert decode.rel_err(got, ref) < TOL_F32
+    # the weights are HF's own tensors (fused ones concatenated), not copies of a different init
+    assert lean.output.weight.data_ptr() == hf.lm_head.weight.data_ptr()
+    assert torch.equal(lean.layers[1].w13.weight[:448], hf.model.layers[1].mlp.gate_proj.weight)
+
+
+def test_hf_steppers_match_reference(hf, data):
+    prompt, forced = data
+    ref = decode.reference_logits(hf, prompt, forced)
+    for static in (False, True):
+        r = decode.check(decode.HFStepper(hf, 2, 32, static=static), prompt, forced, ref, TOL_F32)
+        assert r["rel_err"] < TOL_F32 and r["steps"] == 6
+
+
+def test_check_raises_on_wrong_logits(hf, data):
+    prompt, forced = data
+    ref = decode.reference_logits(hf, prompt, forced)
+    with pytest.raises(RuntimeError, match="tolerance"):
+        decode.check(decode.HFStepper(hf, 2, 32), prompt, forced, ref + 0.1 * ref.std(), TOL_F32)
+    with pytest.raises(RuntimeError):
+        decode.check(decode.HFStepper(hf, 2, 32), prompt, forced, torch.full_like(ref, float("nan")), TOL_F32)
+
+
+def test_quantization_error_within_half_a_step():
+    w = torch.randn(64, 96) * torch.logspace(-2, 1, 64)[:, None]  # rows of very different scale
+    q, s = quant.quantize_per_channel(w)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127
+    err = (quant.dequantize(q, s) - w).abs()
+    assert (err <= s[:, None] / 2 + 1e-6 * s[:, None]).all()  # per-channel scales: each row its own step
+    assert q.abs().amax(1).eq(127).all()  # the largest weight of each row uses the full range
+    assert decode.rel_err(quant.dequantize(q, s), w) < 1e-2
+
+
+@pytest.mark.parametrize("impl", quant.IMPLS)
+def test_int8_linear_matches_dequantized_reference(impl):
+    torch.manual_seed(2)
+    lin = torch.nn.Linear(96, 64, bias=False)
+    q8 = quant.Int8Linear.from_linear(lin, impl)
+    x = torch.randn(3, 5, 96)
+    ref = x @ quant.dequantize(q8.weight, q8.scales).T
+    assert decode.rel_err(q8(x), ref) < 1e-5
+    assert decode.rel_err(q8(x), lin(x)) < 2e-2  # and close to the float layer it came from
+
+
+def test_quantized_copy_shares_the_rest_and_stays_close(hf, data):
+    prompt, forced = data
+    lean = decode.LeanMistral.from_hf(hf)
+    q = decode.quantize_int8(lean)
+    assert isinstance(q.layers[0].wqkv, quant.Int8Linear) and isinstance(lean.layers[0].wqkv, torch.nn.Linear)
+    assert q.tok_emb.weight is lean.tok_emb.weight and q.layers[0].attn_norm is lean.layers[0].attn_norm
+    assert quant.weight_bytes(q) < 0.3 * quant.weight_bytes(lean)  # float32 -> int8 (+ scales)
+    ref = decode.reference_logits(hf, prompt, forced)
+    err = decode.rel_err(decode.teacher_forced(decode.LeanStepper(q, 2, 32), prompt, forced), ref)
+    assert 1e-5 < err < 0.05  # quantization shows, but stays small
+
+
+def test_measure_counts_tokens_and_times_consistently(hf, data):
+    prompt, _ = data
+    lean = decode.LeanMistral.from_hf(hf)
+    cost = decode.step_cost("mistral-7b-small", 2, 32, quant.weight_bytes(lean))
+    for gen in (functools.partial(decode.loop_generate, decode.LeanStepper(lean, 2, 32)),
+                functools.partial(decode.hf_generate, hf)):
+        r = decode.measure("t", gen, prompt, 5, cost, read_Bps=1e10, peak_flops=1e11, reps=2)
+        assert r.tokens == 2 * 5 and r.batch == 2 and r.new_tokens == 5
+        assert 0 < r.ttft_s <= r.e2e_s and 0 < r.tpot_s <= r.e2e_s
+        assert r.itl_p50_s <= r.itl_p99_s
+        assert r.tok_s == pytest.approx(2 / r.tpot_s)
+        assert r.tpot_s == pytest.approx((r.e2e_s - r.ttft_s) / 4)
+
+
+def test_greedy_loops_agree(hf, data):
+    prompt, _ = data
+    lean = decode.LeanMistral.from_hf(hf)
+    a = decode.loop_generate(decode.LeanStepper(lean, 2, 32), prompt, 6)
+    b = decode.hf_generate(hf, prompt, 6)
+    assert a.shape == b.shape == (2, 6)
+    # float32, no near-ties at this size: the same greedy tokens, up to where ours emits EOS (generate is
+    # told to make exactly 6 new tokens, so it masks EOS out: min_new_tokens)
+    for row_a, row_b in zip(a.tolist(), b.tolist()):
+        n = row_a.index(hf.config.eos_token_id) if hf.config.eos_token_id in row_a else 6
+        assert row_a[:n] == row_b[:n]
+
+
+def test_mbu_and_cost_formulas():
+    # made-up numbers: 14 GB per step in 7 ms on a 2.8 TB/s memory is 14e9 / 7e-3 / 2.8e12 = 71.4%
+    assert decode.mbu(14e9, 7e-3, 2.8e12) == pytest.approx(14 / 7 / 2.8)
+    c = decode.step_cost("mistral-7b", batch=4, context=100, weight_bytes=14e9)
+    kv_per_token = 2 * 32 * 8 * 128 * 2  # K and V, 32 layers, 8 KV heads of 128, bf16
+    assert c.bytes == pytest.approx(14e9 + 4 * 100 * kv_per_token)
+    assert c.roofline_s(2.8e12, 1e15) == pytest.approx(c.bytes / 2.8e12)  # batch 4: memory-bound
+    assert decode.usd_per_million_tokens(100.0, 3.6) == pytest.approx(10.0)  # 360k tokens per $3.6-hour
+
+
+def test_batch_sweep_leaves_model_untouched(hf):
+    lean = decode.LeanMistral.from_hf(hf).setup_cache(1, 16)
+    cache = lean.layers[0].k_cache
+    rows = decode.batch_sweep(lean, "mistral-7b-small", [1, 3], 8, 1e10, 1e11, max_time_s=0.05)
+    assert [r["batch"] for r in rows] == [1, 3]
+    assert all(r["tok_s"] > 0 and r["rel_err_graph_vs_eager"] < 1e-6 for r in rows)
+    assert lean.layers[0].k_cache is cache
+
+
+def test_profile_reports_busy_and_top(hf, data):
+    prompt, _ = data
+    p = decode.profile_decode(decode.HFStepper(hf, 2, 32, static=False), prompt, steps=2, top=3)
+    assert 0 < p["busy_fraction"] <= 1.0 + 1e-6 and p["launches_per_token"] > 10
+    assert len(p["top"]) == 3 and p["top"][0]["us/token"] >= p["top"][-1]["us/token"]
