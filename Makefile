@@ -24,8 +24,9 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(VENV)/bin/python -m pip install -q -r requirements-dev.txt
 	@touch $@
 
+# JupyterLab refuses to run as root unless told; containers and cloud GPU boxes often are root.
 lab: setup
-	$(VENV)/bin/jupyter lab
+	$(VENV)/bin/jupyter lab $$( [ "$$(id -u)" = 0 ] && echo --allow-root ) $(LAB_ARGS)
 
 run: setup execute
 
