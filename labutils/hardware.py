@@ -331,6 +331,7 @@ def fingerprint() -> dict:
         "device": info.as_dict(),
         "gpu_slug": gpu_slug(),
         "profile": os.environ.get("SMML_PROFILE") or ("full" if cuda else "small"),
-        "git_commit": _git_commit(),
+        # a copy of the tree without .git (a GPU box) can pass the commit in SMML_GIT_COMMIT
+        "git_commit": os.environ.get("SMML_GIT_COMMIT") or _git_commit(),
         "argv": sys.argv,
     }
