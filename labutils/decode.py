@@ -3,7 +3,7 @@
 - Cost model: bytes and FLOPs of one decode step (``step_cost``), MBU/MFU, $/1M tokens.
 - Steppers: ``prefill(ids)`` and ``step(token, pos)`` -> logits, what every rung of the ladder does:
   ``HFStepper`` (HF model, dynamic or static cache, optionally compiled) and ``LeanStepper`` (the
-  lean model of ``labutils.quant``, compiled with CUDA graphs on a GPU, gpt-fast's recipe).
+  lean model of ``labutils.lean``, compiled with CUDA graphs on a GPU, gpt-fast's recipe).
 - ``loop_generate`` / ``hf_generate`` with a ``TokenClock``; ``measure`` -> ``DecodeRun``; ``check``:
   teacher-forced logits vs the HF model's (random weights make greedy tokens flip on near-ties).
 - ``profile_decode`` (device-busy vs wall time) and ``batch_sweep`` (memory -> compute bound).
@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import models, quant, timing
-from .quant import LeanMistral, quantize_int8  # noqa: F401 - the notebook's entry points
+from .lean import LeanMistral  # noqa: F401 - the notebook's entry points
+from .quant import quantize_int8  # noqa: F401
 
 
 # ---------------------------------------------------------------- cost model
@@ -56,17 +57,22 @@ def usd_per_million_tokens(tok_s: float, usd_per_hour: float) -> float:
 # ---------------------------------------------------------------- steppers: prefill + one-token step
 #: torch.compile options of the lean rung: CUDA graphs (what mode="reduce-overhead" sets) plus gpt-fast's
 #: coordinate-descent tuning, under which Inductor turns an M=1 matmul into a tuned reduction kernel (and an
-#: int8 -> bf16 conversion fuses into its weight read). Passed per compile: no global setting changes.
-FAST_OPTIONS = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
+#: int8 -> bf16 conversion fuses into its weight read), and kernel names that say which ops each fused
+#: kernel holds (for the profile). Passed per compile: no global setting changes.
+FAST_OPTIONS = {"triton.cudagraphs": True, "coordinate_descent_tuning": True, "triton.unique_kernel_names": True}
 
 
 class LeanStepper:
-    """Prefill eagerly; ``step`` eager, or compiled with ``options`` (default ``FAST_OPTIONS``)."""
+    """Prefill eagerly; ``step`` eager, or compiled with ``options`` (default ``FAST_OPTIONS``).
+
+    ``dynamic=False``: every shape is static (the position is a tensor, so one graph serves every step);
+    a second model compiled in the same process then recompiles with static shapes too, instead of
+    possibly being generalised to dynamic shapes (torch.compile's automatic dynamic on a recompile)."""
 
     def __init__(self, model: LeanMistral, batch: int, max_len: int, compile: bool = False, options=None):
         self.model, self.compiled = model.setup_cache(batch, max_len), compile
         opts = FAST_OPTIONS if options is None else options
-        self.fn = torch.compile(model, fullgraph=True, options=opts) if compile else model
+        self.fn = torch.compile(model, fullgraph=True, dynamic=False, options=opts) if compile else model
 
     @torch.no_grad()
     def prefill(self, ids):
@@ -311,19 +317,6 @@ def profile_decode(stepper, prompt, steps: int = 5, top: int = 8) -> dict:
 
 
 # ---------------------------------------------------------------- batch sweep
-def cuda_graph(fn):
-    """Capture ``fn()`` once as a CUDA graph; the returned callable replays it (one launch) -> its output."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()  # warm-up on a side stream, as capture requires
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = fn()
-    return lambda: (g.replay(), out)[1]
-
-
 @torch.no_grad()
 def batch_sweep(model: LeanMistral, name: str, batches, context: int, read_Bps: float, peak_flops: float,
                 graphs: bool | None = None, max_time_s: float = 1.0) -> list[dict]:
@@ -343,13 +336,13 @@ def batch_sweep(model: LeanMistral, name: str, batches, context: int, read_Bps: 
         pos = torch.tensor([context], device=dev)
         ref = m(tok, pos).float()
         fwd = lambda m=m, tok=tok, pos=pos: m(tok, pos)  # noqa: E731
-        run = cuda_graph(fwd) if graphs else fwd
-        err = rel_err(run().float(), ref)
-        t = timing.benchmark(run, device=dev, warmup=2, reps=30, max_time_s=max_time_s)
+        g = timing.graphed(fwd, dev) if graphs else timing.Graphed(fwd, fwd, False, "eager")
+        err = rel_err(g.check().float(), ref)  # a graph's output is poisoned first, then replayed
+        t = timing.benchmark(g.run, device=dev, warmup=2, reps=30, max_time_s=max_time_s)
         c = step_cost(name, b, S, wbytes)
         rows.append({"batch": b, "step_ms": 1e3 * t.median_s, "tok_s": b / t.median_s,
                      "roofline_tok_s": b / c.roofline_s(read_Bps, peak_flops),
                      "mbu": mbu(c.bytes, t.median_s, read_Bps), "mfu": c.flops / t.median_s / peak_flops,
                      "rel_err_graph_vs_eager": err})
-        del m, run
+        del m, g
     return rows

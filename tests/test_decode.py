@@ -6,7 +6,7 @@ import functools
 import pytest
 import torch
 
-from labutils import decode, quant
+from labutils import decode, lean, quant
 
 TOL_F32 = 1e-4  # float32 everywhere: different op order only
 
@@ -39,6 +39,28 @@ def test_lean_matches_hf_prefill_and_cached_decode(hf, data):
     # the weights are HF's own tensors (fused ones concatenated), not copies of a different init
     assert lean.output.weight.data_ptr() == hf.lm_head.weight.data_ptr()
     assert torch.equal(lean.layers[1].w13.weight[:448], hf.model.layers[1].mlp.gate_proj.weight)
+
+
+@pytest.mark.parametrize("attn", [a for a in lean.ATTN if a != "reduce"])
+def test_every_attention_form_matches_hf(hf, data, attn):
+    prompt, forced = data
+    ref = decode.reference_logits(hf, prompt, forced)
+    m = decode.LeanMistral.from_hf(hf, attn=attn)
+    assert decode.rel_err(decode.teacher_forced(decode.LeanStepper(m, 2, 32), prompt, forced), ref) < TOL_F32
+    m.attn = "nonsense"
+    with pytest.raises(ValueError, match="attention"):
+        m(prompt, torch.arange(prompt.shape[1]))
+
+
+def test_attend_one_compiled_form_matches_eager():
+    # the multiply-and-sum form that torch.compile sees, against the eager matmul form and a plain reference
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 4 if i == 0 else 16, 8, generator=g) for i in range(3))
+    keep = torch.arange(16) < 11  # 11 filled cache slots of 16
+    eager = lean.attend_one(q, k, v, keep)
+    compiled = torch.compile(lean.attend_one, backend="aot_eager", fullgraph=True)(q, k, v, keep)
+    w = torch.softmax((q @ k[:, :, :11].transpose(-1, -2)) / 8 ** 0.5, -1)
+    assert decode.rel_err(eager, w @ v[:, :, :11]) < 1e-6 and decode.rel_err(compiled, eager) < 1e-6
 
 
 def test_hf_steppers_match_reference(hf, data):

@@ -2,14 +2,17 @@
 
 Rungs: a = HF ``generate`` eager (dynamic cache); b = ``generate`` with a static cache, not
 compiled; c = HF forward compiled (reduce-overhead: CUDA graphs) in a static-cache loop; d = the
-lean model (labutils.quant.LeanMistral), compiled with coordinate-descent tuning; d0 = the same
+lean model (labutils.lean.LeanMistral), compiled with coordinate-descent tuning; d0 = the same
 without it; e = the lean model with int8 weights (``--int8``: an Int8Linear implementation, or
-"auto": the fastest in a one-matrix kernel test, whose table is printed). Prints one table (tok/s, MBU, ms/token
-p50/p99, warm-up, first use = compile) and writes everything as JSON.
+"auto": the fastest in a one-matrix kernel test, whose table is printed). A lean rung may name its
+attention and int8 kernel: ``d:sdpa``, ``e:reduce:dequant_fp32`` (see labutils.lean.ATTN).
+``--profile`` lists rungs to profile kernel by kernel after timing them. Prints one table (tok/s,
+MBU, ms/token p50/p99, warm-up, first use = compile) and writes everything as JSON.
 
     python -m labutils.scripts.decode_bench                          # CPU: mistral-7b-small, eager rungs
     python -m labutils.scripts.decode_bench --model mistral-7b       # 1 GPU: the 7B, random weights
     python -m labutils.scripts.decode_bench --rungs d,e --sweep 1,8,64 --out decode.json
+    python -m labutils.scripts.decode_bench --rungs d:sdpa,d:reduce --profile d:sdpa,d:reduce --sweep ''
 
 Multi-GPU or multi-node runs do not apply: batch-1 decode is a one-device problem here.
 """
@@ -21,6 +24,8 @@ import functools
 import json
 import sys
 import time
+
+import torch
 
 from labutils import decode, hardware, models, plots, quant, results, roofline, timing
 from labutils import profile as _profile
@@ -49,6 +54,7 @@ def main(argv=None) -> int:
                     help="Int8Linear implementation; auto: the fastest in a one-matrix test (default: %(default)s)")
     ap.add_argument("--tol", type=float, nargs=2, default=(0.1, 0.3), metavar=("BF16", "INT8"),
                     help="relative logit error allowed (default: %(default)s)")
+    ap.add_argument("--profile", default="", help="comma list of rungs to profile kernel by kernel")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip the stages left after this many seconds")
     ap.add_argument("--out", default="", help="write the JSON here (default: results dir via labutils.results)")
     args = ap.parse_args(argv)
@@ -113,7 +119,7 @@ def main(argv=None) -> int:
             log(f"rung {r} FAILED: {type(e).__name__}: {str(e)[:400]}")
         stage(f"rung {r}")
         save()
-    shared.clear()
+    shared.pop("lean", None)
     sweep = [int(b) for b in args.sweep.split(",") if b]
     if sweep and time.perf_counter() - t_start < args.budget_s:
         lean = decode.LeanMistral.from_hf(hf)
@@ -122,6 +128,11 @@ def main(argv=None) -> int:
         print(plots.table(rec["sweep"], floatfmt=".3g"))
     save()
     rows = [{k2: v2 for k2, v2 in v.items() if k2 != "detail"} for v in rec["runs"].values() if "tok/s" in v]
+    for r, pr in shared.get("profiles", []):
+        for how, p in pr.items():
+            print(f"\nprofile {r} ({how}): wall {1e3 * p['wall_s_per_token']:.3f} ms/token, kernels busy "
+                  f"{1e3 * p['busy_s_per_token']:.3f} ms, {p['launches_per_token']:.0f} kernels/token")
+            print(plots.table(p["top"][:28], floatfmt=".4g"))
     print(plots.table(rows, floatfmt=".4g"))
     log(f"done in {time.perf_counter() - t_start:.0f} s")
     return 0
@@ -130,6 +141,7 @@ def main(argv=None) -> int:
 def run_rung(r, rec, hf, prompt, forced, ref, max_len, N, args, comp, bw, peak, cost16, shared):
     tol16, tol8 = args.tol
     n, warm = N, 1
+    kind, *var = r.split(":")
     if r == "a":
         chk = decode.check(decode.HFStepper(hf, 1, max_len, static=False), prompt, forced, ref, tol16)
         gen, n, cost, warm = functools.partial(decode.hf_generate, hf), args.slow_tokens, cost16, 0
@@ -141,23 +153,43 @@ def run_rung(r, rec, hf, prompt, forced, ref, max_len, N, args, comp, bw, peak, 
         chk = decode.check(st, prompt, forced, ref, tol16)
         gen, cost = functools.partial(decode.loop_generate, st), cost16
     else:
+        torch._dynamo.reset()  # each lean variant compiles afresh (no cache-size limit, no dynamic shapes)
         if "lean" not in shared:
             with timing.stopwatch(prompt.device) as t:
                 shared["lean"] = decode.LeanMistral.from_hf(hf)
             rec["lean_build_s"] = t.seconds
-        lean = shared["lean"]
-        model = lean if r in ("d", "d0") else quant.quantize_int8(lean, args.int8)
+        attn, impl = (var + [""])[0] or "reduce", (var + ["", ""])[1] or args.int8
+        model = quant.copy_structure(shared["lean"])
+        model.attn = attn
+        model = model if kind in ("d", "d0") else quant.quantize_int8(model, impl)
         st = decode.LeanStepper(model, 1, max_len, compile=comp,
-                                options={"triton.cudagraphs": True} if r == "d0" else None)
-        chk = decode.check(st, prompt, forced, ref, tol16 if r in ("d", "d0") else tol8)
+                                options={"triton.cudagraphs": True} if kind == "d0" else None)
+        chk = decode.check(st, prompt, forced, ref, tol16 if kind in ("d", "d0") else tol8)
         cost = decode.step_cost(args.model, 1, max_len, quant.weight_bytes(model))
         gen = functools.partial(decode.loop_generate, st)
-    run = decode.measure(NAMES[r], gen, prompt, n, cost, bw, peak, reps=args.reps, warmup=warm)
+    name = NAMES[kind] + (f" [{attn}{', ' + impl if kind == 'e' else ''}]" if kind in ("d", "d0", "e") else "")
+    run = decode.measure(name, gen, prompt, n, cost, bw, peak, reps=args.reps, warmup=warm)
     rec["checks"][r] = chk
     rec["runs"][r] = run.row() | {"first_use_s": chk["first_use_s"], "rel_err": chk["rel_err"],
                                   "GB/step": cost.bytes / 1e9, "detail": run.as_dict()}
-    log(f"{NAMES[r]}: {run.tok_s:.1f} tok/s, MBU {100 * run.mbu:.1f}%, p99 {1e3 * run.itl_p99_s:.2f} ms, "
+    if kind in ("d", "d0", "e"):
+        rec["runs"][r]["graphs"] = dict(torch._dynamo.utils.counters["stats"]).get("unique_graphs", 0)
+    log(f"{name}: {run.tok_s:.1f} tok/s, MBU {100 * run.mbu:.1f}%, p99 {1e3 * run.itl_p99_s:.2f} ms, "
         f"first use {chk['first_use_s']:.1f} s, rel err {chk['rel_err']:.2e}")
+    if r in args.profile.split(",") and kind in ("d", "e"):
+        rec.setdefault("profiles", {})[r] = prof = kernel_profile(st, model, prompt, max_len, comp)
+        shared["profiles"] = shared.get("profiles", []) + [(r, prof)]
+
+
+def kernel_profile(st, model, prompt, max_len, comp) -> dict:
+    """Kernels per token of a compiled lean stepper; if the CUDA graph's kernels are not traced one by one,
+    the same model compiled without CUDA graphs (same kernels, launched from Python)."""
+    out = {"graph": decode.profile_decode(st, prompt, steps=5, top=200)}
+    if comp and out["graph"]["launches_per_token"] < 100:
+        opts = {k: v for k, v in decode.FAST_OPTIONS.items() if k != "triton.cudagraphs"}
+        nog = decode.LeanStepper(model, 1, max_len, compile=True, options=opts)
+        out["no_graph"] = decode.profile_decode(nog, prompt, steps=5, top=200)
+    return out
 
 
 if __name__ == "__main__":
