@@ -23,7 +23,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import timing
+from .launch import free_port, port_is_free  # one port helper for jobs and servers
 
 HOST = "127.0.0.1"
 # The `transformers` CLI run by this interpreter (no script on PATH needed). On Linux it first asks
@@ -49,21 +49,9 @@ _BOOT = ("import ctypes, os, signal, sys\nppid = int(sys.argv.pop(1))\n"
          "from transformers.cli.transformers import main\nsys.exit(main())\n")
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
 def port_in_use(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
-        try:
-            s.bind((HOST, port))
-        except OSError:
-            return True
-    return False
+    """True if something listens on 127.0.0.1:``port`` (TIME_WAIT leftovers are no conflict)."""
+    return not port_is_free(port, HOST)
 
 
 class Server:
