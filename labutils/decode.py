@@ -14,35 +14,24 @@ Used in lab4 §Roofline, §Profile, §Ladder, §Batch sweep, §Cost.
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import asdict, dataclass
 
 import torch
 
-from . import models, quant, timing
+from . import models, quant, roofline, timing
 from .lean import LeanMistral  # noqa: F401 - the notebook's entry points
 from .quant import quantize_int8  # noqa: F401
+from .timing import TokenClock, rel_err  # noqa: F401 - re-exported: used as decode.rel_err
 
 
 # ---------------------------------------------------------------- cost model
-@dataclass(frozen=True)
-class StepCost:
-    """One decode step of a whole batch: bytes read from memory and FLOPs."""
-
-    bytes: float
-    flops: float
-    batch: int
-
-    def roofline_s(self, read_Bps: float, peak_flops: float) -> float:
-        return max(self.bytes / read_Bps, self.flops / peak_flops)
-
-
-def step_cost(name: str, batch: int, context: int, weight_bytes: float, kv_dtype_bytes: float = 2) -> StepCost:
+def step_cost(name: str, batch: int, context: int, weight_bytes: float, kv_dtype_bytes: float = 2) -> roofline.Cost:
     """Weights read once per step (shared by the batch) + every sequence's ``context`` cached K,V;
     FLOPs: 2 per multiplied weight per token + attention over ``context`` keys (``models.estimate``)."""
     e = models.estimate(name)
-    kv = batch * context * 2 * e.layers * e.kv_heads * e.head_dim * kv_dtype_bytes
-    return StepCost(weight_bytes + kv, batch * e.flops_per_token(context), batch)
+    kv = batch * context * e.kv_bytes_per_token(kv_dtype_bytes)
+    return roofline.Cost(f"decode step, batch {batch}", batch * e.flops_per_token(context), weight_bytes + kv,
+                         weight_bytes=weight_bytes, kv_bytes=kv)
 
 
 def mbu(bytes_per_step: float, step_s: float, read_Bps: float) -> float:
@@ -115,33 +104,6 @@ class HFStepper:
 
 
 # ---------------------------------------------------------------- generation with a token clock
-class TokenClock:
-    """A timestamp per token on the device's clock: CUDA events (recorded without a sync), else perf_counter."""
-
-    def __init__(self, device):
-        self.cuda, self.marks = torch.device(device).type == "cuda", []
-
-    def _now(self):
-        if not self.cuda:
-            return time.perf_counter()  # CPU ops are synchronous
-        e = torch.cuda.Event(enable_timing=True)
-        e.record()
-        return e
-
-    def start(self):
-        self.marks = [self._now()]
-
-    def mark(self):
-        self.marks.append(self._now())
-
-    def seconds(self) -> list[float]:
-        """Time of every mark since ``start``."""
-        if self.cuda:
-            self.marks[-1].synchronize()
-            return [self.marks[0].elapsed_time(e) / 1e3 for e in self.marks[1:]]
-        return [t - self.marks[0] for t in self.marks[1:]]
-
-
 def loop_generate(stepper, prompt, new_tokens: int, clock: TokenClock | None = None):
     """Greedy: prefill, then ``new_tokens - 1`` steps; the next token never leaves the device. -> (B, new_tokens)"""
     P = prompt.shape[1]
@@ -194,7 +156,7 @@ class DecodeRun:
     itl_p99_s: float
     e2e_s: float
     warmup_s: float  # first call: compilation, CUDA-graph capture, lazy allocation
-    cost: StepCost
+    cost: roofline.Cost
     read_Bps: float
     peak_flops: float
     note: str = ""
@@ -220,7 +182,7 @@ class DecodeRun:
                 "warm-up s": self.warmup_s}
 
 
-def measure(rung: str, generate, prompt, new_tokens: int, cost: StepCost, read_Bps: float, peak_flops: float,
+def measure(rung: str, generate, prompt, new_tokens: int, cost: roofline.Cost, read_Bps: float, peak_flops: float,
             reps: int = 3, warmup: int = 1, note: str = "") -> DecodeRun:
     """``generate(prompt, new_tokens, clock)``: a first call (timed apart), ``warmup`` more, ``reps`` timed runs."""
     clock, runs = TokenClock(prompt.device), []
@@ -244,11 +206,6 @@ def measure(rung: str, generate, prompt, new_tokens: int, cost: StepCost, read_B
 
 
 # ---------------------------------------------------------------- correctness: teacher-forced logits
-def rel_err(a, b) -> float:
-    a, b = a.detach().double(), b.detach().double().to(a.device)
-    return ((a - b).norm() / b.norm()).item()
-
-
 @torch.no_grad()
 def reference_logits(model, prompt, forced):
     """HF forward over prompt + forced tokens without a cache: the logits that predict each forced token."""
@@ -341,7 +298,7 @@ def batch_sweep(model: LeanMistral, name: str, batches, context: int, read_Bps: 
         t = timing.benchmark(g.run, device=dev, warmup=2, reps=30, max_time_s=max_time_s)
         c = step_cost(name, b, S, wbytes)
         rows.append({"batch": b, "step_ms": 1e3 * t.median_s, "tok_s": b / t.median_s,
-                     "roofline_tok_s": b / c.roofline_s(read_Bps, peak_flops),
+                     "roofline_tok_s": b / c.time(peak_flops, read_Bps),
                      "mbu": mbu(c.bytes, t.median_s, read_Bps), "mfu": c.flops / t.median_s / peak_flops,
                      "rel_err_graph_vs_eager": err})
         del m, g

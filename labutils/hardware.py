@@ -249,7 +249,7 @@ def gemm(m: int, n: int, k: int, dtype: str = "bfloat16", device=None, reps: int
         a, b, mm = pairs[0]
         out = mm(a, b)
         ref = a.double() @ b.double()
-        err = ((out.double() - ref).norm() / ref.norm()).item()
+        err = timing.rel_err(out, ref)
         if not err <= GEMM_TOL[dtype]:  # also catches NaN
             raise RuntimeError(f"{dtype} GEMM {m}x{n}x{k}: relative error {err:.2e} > {GEMM_TOL[dtype]:.0e}")
         if graph and dev.type == "cuda":
@@ -267,7 +267,7 @@ def _graph_timing(mm, pairs, ref_out, dtype, dev, label, **kw) -> timing.Timing:
     calls = max(len(pairs), 4)
     g = timing.graphed(lambda: [mm(*pairs[i % len(pairs)][:2]) for i in range(calls)], device=dev)
     out = g.check()[0]
-    err = ((out.double() - ref_out.double()).norm() / ref_out.double().norm()).item()
+    err = timing.rel_err(out, ref_out)
     if not err <= GEMM_TOL[dtype]:
         raise RuntimeError(f"{label}: the CUDA-graph replay differs from the eager product (rel err {err:.1e})")
     t = timing.benchmark(g.run, device=dev, label=f"{label}, {g.note}", **kw)

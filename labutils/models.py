@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from . import hardware
 from . import profile as _profile
 
 MISTRAL_CHAT_TEMPLATE = (
@@ -203,8 +204,7 @@ def load(name: str | None = None, *, local_dir=None, dtype: str | torch.dtype | 
     prof = _profile.get()
     p = preset(name or prof.tiny_model)
     dt = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or getattr(torch, prof.dtype))
-    dev = torch.device(device) if device is not None else (
-        torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
+    dev = torch.device(device) if device is not None else hardware.default_device()
     found = find_weights(p.name, local_dir, allow_hub)
     if found:
         source, path = found
@@ -274,9 +274,10 @@ class Estimate:
     def weight_bytes(self, dtype: str = "bfloat16") -> float:
         return self.total_params * DTYPE_BYTES[dtype]
 
-    def kv_bytes_per_token(self, dtype: str = "bfloat16") -> float:
-        """K and V for every layer: 2 * layers * kv_heads * head_dim values per token."""
-        return 2 * self.layers * self.kv_heads * self.head_dim * DTYPE_BYTES[dtype]
+    def kv_bytes_per_token(self, dtype: str | float = "bfloat16") -> float:
+        """K and V for every layer: 2 * layers * kv_heads * head_dim values per token (dtype: name or bytes)."""
+        per_value = DTYPE_BYTES[dtype] if isinstance(dtype, str) else dtype
+        return 2 * self.layers * self.kv_heads * self.head_dim * per_value
 
     def flops_per_token(self, context: int = 0) -> float:
         """Forward FLOPs for one token: 2 per weight it multiplies (embedding lookups are free)

@@ -120,9 +120,9 @@ def kernel_bench(n: int, k: int, dtype=torch.bfloat16, device=None, compile: boo
     ``calls`` back-to-back calls captured in one CUDA graph (no launch gaps); ``compile``: each through
     torch.compile with ``options`` (default: coordinate-descent tuning). GB/s = weight bytes / time.
     """
-    from . import decode, timing
+    from . import decode, hardware, timing
 
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device) if device is not None else hardware.default_device()
     lin = nn.Linear(k, n, bias=False, device=dev, dtype=dtype)
     x = torch.randn(1, k, device=dev, dtype=dtype)
     variants = {str(dtype).split(".")[-1]: lin} | {f"int8 {i}": Int8Linear.from_linear(lin, i) for i in IMPLS}

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import models
+from .timing import rel_err  # noqa: F401 - re-exported: used as roofline.rel_err
 
 #: bytes per element as stored in memory (tf32 is an fp32 tensor computed on tensor cores)
 DTYPE_BYTES = {"float32": 4, "tf32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1}
@@ -249,12 +250,6 @@ def roofline_figure(points: Sequence[Point], ceilings: Ceilings, title: str = "R
 
 
 # ---------------------------------------------------------------- measured: one forward step
-def rel_err(out, ref) -> float:
-    """||out - ref|| / ||ref|| in float64 (NaN-safe: a NaN output gives NaN, which fails any check)."""
-    o, r = out.detach().double().flatten(), ref.detach().double().to(out.device).flatten()
-    return ((o - r).norm() / r.norm()).item()
-
-
 def token_ids(batch: int, length: int, vocab: int = 32000, seed: int = 0):
     """Seeded random token ids (B, length): the same prefix for every batch size and dtype."""
     g = torch.Generator().manual_seed(seed)

@@ -263,3 +263,36 @@ def graphed(fn: Callable[[], object], device=None) -> Graphed:
         return outs
 
     return Graphed(g.replay, check, True, "CUDA graph replay")
+
+
+class TokenClock:
+    """A timestamp per token on the device's clock: CUDA events (recorded without a sync), else perf_counter."""
+
+    def __init__(self, device):
+        self.cuda, self.marks = torch.device(device).type == "cuda", []
+
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()  # CPU ops are synchronous
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
+    def start(self):
+        self.marks = [self._now()]
+
+    def mark(self):
+        self.marks.append(self._now())
+
+    def seconds(self) -> list[float]:
+        """Time of every mark since ``start``."""
+        if self.cuda:
+            self.marks[-1].synchronize()
+            return [self.marks[0].elapsed_time(e) / 1e3 for e in self.marks[1:]]
+        return [t - self.marks[0] for t in self.marks[1:]]
+
+
+def rel_err(out, ref) -> float:
+    """||out - ref|| / ||ref|| in float64: the check every timed result passes first (NaN fails any check)."""
+    o, r = out.detach().double().flatten(), ref.detach().double().to(out.device).flatten()
+    return ((o - r).norm() / r.norm()).item()

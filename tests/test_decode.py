@@ -146,7 +146,7 @@ def test_mbu_and_cost_formulas():
     c = decode.step_cost("mistral-7b", batch=4, context=100, weight_bytes=14e9)
     kv_per_token = 2 * 32 * 8 * 128 * 2  # K and V, 32 layers, 8 KV heads of 128, bf16
     assert c.bytes == pytest.approx(14e9 + 4 * 100 * kv_per_token)
-    assert c.roofline_s(2.8e12, 1e15) == pytest.approx(c.bytes / 2.8e12)  # batch 4: memory-bound
+    assert c.time(1e15, 2.8e12) == pytest.approx(c.bytes / 2.8e12)  # batch 4: memory-bound
     assert decode.usd_per_million_tokens(100.0, 3.6) == pytest.approx(10.0)  # 360k tokens per $3.6-hour
 
 

@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     ref = decode.reference_logits(hf, prompt, forced)
     wb = quant.weight_bytes(hf)
     cost16 = decode.step_cost(args.model, B, max_len, wb)
-    floor = cost16.roofline_s(bw, peak)
+    floor = cost16.time(peak, bw)
     log(f"read {bw / 1e12:.3f} TB/s, matmul {peak / 1e12:.0f} TFLOP/s; {wb / 1e9:.2f} GB weights/step "
         f"-> roofline {1e3 * floor:.2f} ms/token, {1 / floor:.0f} tok/s")
 
