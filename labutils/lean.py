@@ -1,8 +1,9 @@
 """A lean Mistral for fast decode (lab4's rungs d and e), in the spirit of gpt-fast's ``model.py``.
 
 A preallocated KV cache written in place, RoPE from precomputed tables, RMSNorm, SwiGLU, and fused
-weights (q/k/v in one matmul, gate/up in another). ``from_hf`` builds it from the SAME tensors as a
-Hugging Face ``MistralForCausalLM``.
+weights (q/k/v in one matmul, gate/up in another). Every linear layer is called through ``apply``, so a
+layer that can do the RMSNorm before it and the residual add after it in its own kernel is handed them.
+``from_hf`` builds it from the SAME tensors as a Hugging Face ``MistralForCausalLM``.
 
 Attention (``LeanMistral.attn``; the prefill, T > 1, always takes SDPA with the folded mask):
 
@@ -13,6 +14,8 @@ Attention (``LeanMistral.attn``; the prefill, T > 1, always takes SDPA with the 
   multiply-and-sum over the cache, masked with ``where``: under torch.compile Inductor generates its
   own small fused Triton kernels instead of calling an attention library kernel. Eagerly the same
   maths runs as two matmuls.
+- ``"triton"``: at T = 1 on a GPU, RoPE, the cache write and the attention in ONE hand-written Triton
+  kernel (``labutils.decode_attn``); elsewhere the ``"reduce"`` maths.
 
 Used in lab4 §Lean decode loop and §Int8 weight-only (through ``labutils.decode``).
 """
@@ -25,7 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ATTN = ("reduce", "sdpa", "sdpa_bool", "sdpa_gqa")
+from . import decode_attn
+
+ATTN = ("reduce", "triton", "sdpa", "sdpa_bool", "sdpa_gqa")
 
 
 @dataclass(frozen=True)
@@ -48,9 +53,23 @@ class LeanConfig:
                    c.intermediate_size, c.vocab_size, c.rms_norm_eps, float(theta))
 
 
-def _rms(x, w, eps):
+def rms_norm(x, w, eps):
     h = x.float()
     return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def apply(layer: nn.Module, x, norm=None, eps: float = 0.0, residual=None, glu: bool = False):
+    """``residual + layer(rms_norm(x, norm, eps))``, each part where given; ``glu``: the output's two halves
+    (gate, up) become ``silu(gate) * up``. A layer with ``fuse`` set (the Triton-kernel layers of
+    ``labutils.gemv`` / ``quant``) is handed all of it to do inside its own kernel; any other layer gets it
+    done around it, here."""
+    if getattr(layer, "fuse", False):
+        return layer(x, norm=norm, eps=eps, residual=residual, glu=glu)
+    y = layer(x if norm is None else rms_norm(x, norm, eps))
+    if glu:
+        gate, up = y.chunk(2, dim=-1)
+        y = F.silu(gate) * up
+    return y if residual is None else residual + y
 
 
 def _rope(x, cos, sin):  # x (B, heads, T, hd); cos, sin (T, hd); the halves convention of HF Mistral
@@ -90,29 +109,35 @@ class _Block(nn.Module):
         self.register_buffer("v_cache", None, persistent=False)
 
     def attention(self, x, cos, sin, mask, pos, attn):
+        """Attention of the block's (un-normed) input ``x`` -> its output before ``wo``."""
         (B, T, _), H, KV, hd = x.shape, self.c.n_heads, self.c.n_kv_heads, self.c.head_dim
-        q, k, v = self.wqkv(x).split([H * hd, KV * hd, KV * hd], dim=-1)
+        qkv = apply(self.wqkv, x, self.attn_norm, self.c.eps)
+        if attn == "triton" and T == 1 and decode_attn.available(qkv):  # RoPE, cache write, attention: 1 kernel
+            return decode_attn.attend(qkv.view(B, -1), cos[0], sin[0], pos, self.k_cache, self.v_cache).view(B, 1, -1)
+        q, k, v = qkv.split([H * hd, KV * hd, KV * hd], dim=-1)
         q = _rope(q.view(B, T, H, hd).transpose(1, 2), cos, sin)
         self.k_cache.index_copy_(2, pos, _rope(k.view(B, T, KV, hd).transpose(1, 2), cos, sin))
         self.v_cache.index_copy_(2, pos, v.view(B, T, KV, hd).transpose(1, 2))
         g = H // KV  # GQA: g query heads per KV head
-        if attn == "reduce" and T == 1:
+        if attn in ("reduce", "triton") and T == 1:  # "triton" without a GPU: the same maths, eagerly
             y = attend_one(q.view(B, KV, g, hd), self.k_cache, self.v_cache, mask)
         elif attn == "sdpa_gqa":
             y = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask, enable_gqa=True)
         else:  # folded: the g query heads of one KV head become g*T query rows of that head
             y = F.scaled_dot_product_attention(q.reshape(B, KV, g * T, hd), self.k_cache, self.v_cache,
                                                attn_mask=mask)
-        return self.wo(y.reshape(B, H, T, hd).transpose(1, 2).reshape(B, T, H * hd))
+        return y.reshape(B, H, T, hd).transpose(1, 2).reshape(B, T, H * hd)
 
     def forward(self, x, cos, sin, mask, pos, attn):
-        x = x + self.attention(_rms(x, self.attn_norm, self.c.eps), cos, sin, mask, pos, attn)
-        gate, up = self.w13(_rms(x, self.ffn_norm, self.c.eps)).chunk(2, dim=-1)
-        return x + self.w2(F.silu(gate) * up)
+        x = apply(self.wo, self.attention(x, cos, sin, mask, pos, attn), residual=x)
+        return apply(self.w2, apply(self.w13, x, self.ffn_norm, self.c.eps, glu=True), residual=x)
 
 
 class LeanMistral(nn.Module):
     """``forward(idx (B, T), pos (T,))`` -> logits (B, T, vocab); K,V written into the preallocated cache."""
+
+    #: what ``apply`` hands each linear layer besides its input; a kernel layer fuses it (gemv.tune_model)
+    FUSED_WITH = {"wqkv": "norm", "wo": "residual", "w13": "norm+glu", "w2": "residual", "output": "norm"}
 
     def __init__(self, c: LeanConfig, attn: str = "reduce"):
         super().__init__()
@@ -139,7 +164,7 @@ class LeanMistral(nn.Module):
     def mask(self, pos: torch.Tensor, dtype: torch.dtype):
         """The attention mask, built once per forward for all layers (its form depends on ``attn``)."""
         keep, T, g = self.causal[pos], pos.shape[0], self.c.n_heads // self.c.n_kv_heads  # (T, S) bool
-        if self.attn == "reduce" and T == 1:
+        if self.attn in ("reduce", "triton") and T == 1:
             return keep[0]
         if self.attn == "sdpa_gqa":
             return keep
@@ -155,7 +180,7 @@ class LeanMistral(nn.Module):
         cos, sin, mask = self.cos[pos], self.sin[pos], self.mask(pos, x.dtype)
         for b in self.layers:
             x = b(x, cos, sin, mask, pos, self.attn)
-        return self.output(_rms(x, self.norm, self.c.eps))
+        return apply(self.output, x, self.norm, self.c.eps)
 
     @classmethod
     def from_hf(cls, hf, attn: str = "reduce") -> LeanMistral:

@@ -4,7 +4,15 @@
 Int8 weight-only: decode at batch 1 reads every weight once per token, so int8 weights halve
 the bytes -- if the kernel really reads int8. ``quantize_per_channel`` keeps one scale per
 output channel: ``w ~= q * scale``, ``q`` in [-127, 127], every weight off by at most
-``scale / 2``. ``Int8Linear`` computes ``x @ (q * scale).T`` in one of two ways:
+``scale / 2``. ``Int8Linear`` computes ``x @ (q * scale).T`` in one of these ways:
+
+- ``"triton"`` (default): at batch 1 on a GPU, the hand-written Triton kernel of ``labutils.gemv``,
+  which reads the int8 weight once and converts it in registers, as its own kernel in the compiled
+  graph, and also does the RMSNorm before the layer and the residual add after it (``lean.apply``);
+  its block shape tuned per matrix (``gemv.tune_model``). Elsewhere, and for a prefill's many rows,
+  the same maths in plain torch (``gemv.reference``: dequantize, then matmul).
+- ``"triton_plain"``: the same kernel without the norm and residual fused in (the lean model then runs
+  them as Inductor's kernels around it): what the fusion is worth.
 
 - ``"dequant"``: ``F.linear(x, q.to(x.dtype)) * scale``. Eager, this converts the whole weight
   to bf16 first (reads int8, writes and re-reads bf16: slower than bf16). Under torch.compile
@@ -24,15 +32,17 @@ Used in lab4 §Lean decode loop and §Int8 weight-only (through ``labutils.decod
 from __future__ import annotations
 
 import copy
+from dataclasses import astuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import gemv
 from .lean import LeanConfig, LeanMistral  # noqa: F401 - re-exported: the lean model lived here first
 
 # ---------------------------------------------------------------- int8 weight-only
-IMPLS = ("dequant", "dequant_fp32", "dequant_bits", "int8pack")
+IMPLS = ("triton", "triton_plain", "dequant", "dequant_fp32", "dequant_bits", "int8pack")
 
 
 def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +60,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 class Int8Linear(nn.Module):
     """A bias-free linear layer holding int8 weights (out, in) and one scale per output channel."""
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, impl: str = "dequant"):
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, impl: str = "triton"):
         super().__init__()
         if impl not in IMPLS:
             raise ValueError(f"unknown int8 implementation {impl!r}: use one of {IMPLS}")
@@ -58,15 +68,20 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = q.shape[1], q.shape[0]
         self.register_buffer("weight", q.contiguous())
         self.register_buffer("scales", scale.to(dtype))
+        self.fuse = impl == "triton"  # lean.apply hands this layer its norm and residual
+        if impl.startswith("triton"):
+            self.cfg = astuple(gemv.DEFAULT)  # the kernel's block shape: gemv.tune_model sets the tuned one
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, impl: str = "dequant") -> Int8Linear:
+    def from_linear(cls, lin: nn.Linear, impl: str = "triton") -> Int8Linear:
         if lin.bias is not None:
             raise ValueError("Int8Linear has no bias: Mistral's linear layers have none")
         q, s = quantize_per_channel(lin.weight)
         return cls(q, s, lin.weight.dtype, impl)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm=None, eps: float = 0.0, residual=None, glu: bool = False):
+        if self.impl.startswith("triton"):
+            return gemv.linear(x, self.weight, self.scales, self.cfg, norm, eps, residual, glu)
         if self.impl == "int8pack":
             y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).contiguous(), self.weight, self.scales)
             return y.view(*x.shape[:-1], self.out_features)
@@ -97,9 +112,16 @@ def copy_structure(module: nn.Module, leaf=lambda m: None) -> nn.Module:
     return c
 
 
-def quantize_int8(model: nn.Module, impl: str = "dequant") -> nn.Module:
-    """A copy of ``model`` with every ``nn.Linear`` as ``Int8Linear``; all other tensors are shared."""
+def quantize_int8(model: nn.Module, impl: str = "triton") -> nn.Module:
+    """A copy of ``model`` with every ``nn.Linear`` as ``Int8Linear``; all other tensors are shared.
+    For impl "triton" on a GPU, then ``gemv.tune_model`` (each distinct shape is tuned once per process)."""
     return copy_structure(model, lambda m: Int8Linear.from_linear(m, impl) if isinstance(m, nn.Linear) else None)
+
+
+def use_gemv(model: nn.Module, fuse: bool = True) -> nn.Module:
+    """A copy of ``model`` whose ``nn.Linear`` layers run the Triton kernel at batch 1 (same weight tensors);
+    ``fuse``: with the RMSNorm and residual add done inside it (see ``gemv``)."""
+    return copy_structure(model, lambda m: gemv.Linear.from_linear(m, fuse) if isinstance(m, nn.Linear) else None)
 
 
 def weight_bytes(model: nn.Module, skip: tuple[str, ...] = ("tok_emb", "embed_tokens")) -> int:
@@ -114,7 +136,8 @@ def weight_bytes(model: nn.Module, skip: tuple[str, ...] = ("tok_emb", "embed_to
 
 def kernel_bench(n: int, k: int, dtype=torch.bfloat16, device=None, compile: bool = False, calls: int = 10,
                  options=None) -> list[dict]:
-    """One M=1 product x @ W.T (W: n x k) in ``dtype`` and through each int8 implementation.
+    """One M=1 product x @ W.T (W: n x k) in ``dtype`` (cuBLAS/Inductor, and the Triton kernel of ``gemv``)
+    and through each int8 implementation (the "triton" ones with their block shape tuned first).
 
     Each variant is checked against the float64 product with the (dequantized) weight, then timed: on a GPU
     ``calls`` back-to-back calls captured in one CUDA graph (no launch gaps); ``compile``: each through
@@ -125,9 +148,13 @@ def kernel_bench(n: int, k: int, dtype=torch.bfloat16, device=None, compile: boo
     dev = torch.device(device) if device is not None else hardware.default_device()
     lin = nn.Linear(k, n, bias=False, device=dev, dtype=dtype)
     x = torch.randn(1, k, device=dev, dtype=dtype)
-    variants = {str(dtype).split(".")[-1]: lin} | {f"int8 {i}": Int8Linear.from_linear(lin, i) for i in IMPLS}
+    name16 = str(dtype).split(".")[-1]
+    variants = {name16: lin, f"{name16} triton": gemv.Linear.from_linear(lin)} | {
+        f"int8 {i}": Int8Linear.from_linear(lin, i) for i in IMPLS}
     rows = []
     for name, mod in variants.items():
+        if name.endswith("triton"):
+            gemv.tune_model(mod)
         w = dequantize(mod.weight, mod.scales) if isinstance(mod, Int8Linear) else mod.weight
         ref = x.double() @ w.double().T
         fn = torch.compile(mod, options=options or {"coordinate_descent_tuning": True}) if compile else mod
@@ -140,6 +167,6 @@ def kernel_bench(n: int, k: int, dtype=torch.bfloat16, device=None, compile: boo
             rows.append({"variant": name, "error": f"{type(e).__name__}: {str(e)[:120]}"})
             continue
         s = t.median_s / (calls if dev.type == "cuda" else 1)
-        nbytes = sum(b.numel() * b.element_size() for b in (mod.weight, getattr(mod, "scales", mod.weight[:0])))
+        nbytes = sum(b.numel() * b.element_size() for b in (mod.weight, getattr(mod, "scales", None)) if b is not None)
         rows.append({"variant": name, "us": 1e6 * s, "GB/s": nbytes / s / 1e9, "rel err": err})
     return rows

@@ -3,9 +3,12 @@
 Rungs: a = HF ``generate`` eager (dynamic cache); b = ``generate`` with a static cache, not
 compiled; c = HF forward compiled (reduce-overhead: CUDA graphs) in a static-cache loop; d = the
 lean model (labutils.lean.LeanMistral), compiled with coordinate-descent tuning; d0 = the same
-without it; e = the lean model with int8 weights (``--int8``: an Int8Linear implementation, or
-"auto": the fastest in a one-matrix kernel test, whose table is printed). A lean rung may name its
-attention and int8 kernel: ``d:sdpa``, ``e:reduce:dequant_fp32`` (see labutils.lean.ATTN).
+without it; e = the lean model with int8 weights (``--int8``: an Int8Linear implementation, default
+the Triton kernel of labutils.gemv, or "auto": the fastest in a one-matrix kernel test, whose table is
+printed). A lean rung may name its attention and its linear kernel: ``d:sdpa``, ``d:reduce:triton``
+(bf16 weights through the Triton kernel, norms and residuals fused in; ``triton_plain``: not fused),
+``e:reduce:dequant`` (see labutils.lean.ATTN, quant.IMPLS).
+Layers run by the Triton kernel are tuned per weight shape first (printed; the time is reported apart).
 ``--profile`` lists rungs to profile kernel by kernel after timing them. Prints one table (tok/s,
 MBU, ms/token p50/p99, warm-up, first use = compile) and writes everything as JSON.
 
@@ -27,7 +30,7 @@ import time
 
 import torch
 
-from labutils import decode, hardware, models, plots, quant, results, roofline, timing
+from labutils import decode, gemv, hardware, models, plots, quant, results, roofline, timing
 from labutils import profile as _profile
 
 RUNGS = ("a", "b", "c", "d", "e", "d0")
@@ -50,7 +53,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rungs", default="a,b,c,d,e", help="comma list of %(default)s")
     ap.add_argument("--sweep", default=",".join(map(str, prof.batch_sweep)), help="batch sizes ('' = none)")
     ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="auto: on a GPU only")
-    ap.add_argument("--int8", choices=("auto", *quant.IMPLS), default="dequant",
+    ap.add_argument("--int8", choices=("auto", *quant.IMPLS), default="triton",
                     help="Int8Linear implementation; auto: the fastest in a one-matrix test (default: %(default)s)")
     ap.add_argument("--tol", type=float, nargs=2, default=(0.1, 0.3), metavar=("BF16", "INT8"),
                     help="relative logit error allowed (default: %(default)s)")
@@ -120,6 +123,7 @@ def main(argv=None) -> int:
         stage(f"rung {r}")
         save()
     shared.pop("lean", None)
+    rec["gemv_tables"] = {f"{k[0]}x{k[1]} {k[2]} fused={k[5]}": v for k, v in gemv._TUNED.items()}
     sweep = [int(b) for b in args.sweep.split(",") if b]
     if sweep and time.perf_counter() - t_start < args.budget_s:
         lean = decode.LeanMistral.from_hf(hf)
@@ -158,16 +162,28 @@ def run_rung(r, rec, hf, prompt, forced, ref, max_len, N, args, comp, bw, peak, 
             with timing.stopwatch(prompt.device) as t:
                 shared["lean"] = decode.LeanMistral.from_hf(hf)
             rec["lean_build_s"] = t.seconds
-        attn, impl = (var + [""])[0] or "reduce", (var + ["", ""])[1] or args.int8
+        attn, impl = (var + [""])[0] or "reduce", (var + ["", ""])[1] or (args.int8 if kind == "e" else "")
         model = quant.copy_structure(shared["lean"])
         model.attn = attn
-        model = model if kind in ("d", "d0") else quant.quantize_int8(model, impl)
+        if kind == "e":
+            model = quant.quantize_int8(model, impl)
+        elif impl in ("triton", "triton_plain"):
+            model = quant.use_gemv(model, fuse=impl == "triton")
+        elif impl:
+            raise ValueError(f"rung {r}: a bf16 rung takes no int8 kernel ({impl!r}); use 'triton', "
+                             "'triton_plain' or nothing")
+        with timing.stopwatch(prompt.device) as t:
+            tuned = gemv.tune_model(model)  # no rows without a GPU or without kernel-run layers
+        if tuned:
+            rec.setdefault("gemv_tuning", {})[r] = {"rows": tuned, "seconds": t.seconds}
+            log(f"rung {r}: Triton kernel tuned for {len(tuned)} weight shapes in {t.seconds:.1f} s")
+            print(plots.table(tuned, floatfmt=".4g"))
         st = decode.LeanStepper(model, 1, max_len, compile=comp,
                                 options={"triton.cudagraphs": True} if kind == "d0" else None)
         chk = decode.check(st, prompt, forced, ref, tol16 if kind in ("d", "d0") else tol8)
         cost = decode.step_cost(args.model, 1, max_len, quant.weight_bytes(model))
         gen = functools.partial(decode.loop_generate, st)
-    name = NAMES[kind] + (f" [{attn}{', ' + impl if kind == 'e' else ''}]" if kind in ("d", "d0", "e") else "")
+    name = NAMES[kind] + (f" [{attn}{', ' + impl if impl else ''}]" if kind in ("d", "d0", "e") else "")
     run = decode.measure(name, gen, prompt, n, cost, bw, peak, reps=args.reps, warmup=warm)
     rec["checks"][r] = chk
     rec["runs"][r] = run.row() | {"first_use_s": chk["first_use_s"], "rel_err": chk["rel_err"],

@@ -1,0 +1,328 @@
+"""A hand-written Triton matrix-vector kernel for batch-1 decode (lab4 §Int8 weight-only).
+
+At batch 1 every linear layer is ``y = x @ W.T`` with ONE row of ``x``: each weight is read once and used
+once, so the kernel's only job is to stream ``W`` at the memory's bandwidth. ``_gemv_kernel`` gives each
+program ``BLOCK_N`` output rows; it walks along K in ``BLOCK_K`` steps, multiplies the weight tile by the
+matching slice of ``x`` (which every program reads from L2) and sums in float32. Int8 weights
+(``scale`` given) are converted in registers and scaled once per output row: the weight really is read
+as int8, one byte each. Two ways to convert a byte:
+
+- ``bits=False``: ``w.to(float32)``, one int-to-float instruction per weight. Hopper issues those at a
+  quarter of its add/multiply rate, so at several TB/s of int8 they, not the memory, can set the pace.
+- ``bits=True``: the byte with its sign bit flipped (``q + 128``, 0..255) is written into the mantissa of
+  the float 2**23 with one XOR (giving 2**23 + q + 128 exactly), then 2**23 + 128 is subtracted.
+
+Two fusions that cost no extra bytes, because one row of ``x`` is all each program needs:
+
+- ``norm``: RMSNorm of ``x`` inside the product. ``W @ (g * x * r) = r * (W @ (g * x))`` with the scalar
+  ``r = 1 / rms(x)``: each program sums ``x**2`` while it streams and multiplies once at the end.
+- ``residual``: ``y = residual + W @ x`` in the epilogue.
+
+So a decoder layer's four products also do its two norms and two residual adds: fewer small kernels per
+token, and every one of them a fixed cost that int8 does not shrink.
+
+``gemv`` is a custom op (``torch.library.custom_op``): torch.compile puts it in its CUDA graph as it is and
+fuses nothing into it -- Inductor's own M = 1 reductions recompute a fused producer (RMSNorm, SiLU-times-up)
+for every block of rows, which cost the int8 rung most of its speed-up. ``tune`` picks the block shape per
+matrix on this GPU with ``labutils.timing``, every candidate checked against a float64 product first.
+Without Triton, on a CPU, or for many rows (a prefill) the same maths runs as plain torch (``reference``).
+
+Tested on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``, tests/test_gemv.py).
+Used in lab4 §Int8 weight-only (through ``labutils.quant``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import astuple, dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a CPU build of torch without triton: the layers take the plain path
+    triton = None
+
+
+@dataclass(frozen=True)
+class Config:
+    block_n: int = 16
+    block_k: int = 1024
+    warps: int = 8
+    stages: int = 1
+    bits: bool = True
+    acc2d: bool = False  # sum a (block_n, block_k) tile per step, reduce once at the end (not every step)
+
+
+#: Candidates for ``tune``: many programs of a few rows (for matrices with few rows, e.g. 4096 x 4096) to
+#: fewer programs of more rows (fewer re-reads of x per weight byte); long K steps keep bytes in flight;
+#: each with a row sum per K step, or one 2-D running sum reduced at the end.
+CONFIGS = tuple(Config(*c, True, False) for c in (
+    (4, 1024, 4, 1), (4, 2048, 4, 1), (8, 1024, 4, 1), (8, 2048, 8, 1), (16, 1024, 8, 2), (16, 2048, 8, 1),
+    (32, 512, 8, 1), (32, 256, 4, 2),
+)) + tuple(Config(*c, True, True) for c in (
+    (4, 1024, 4, 1), (8, 512, 4, 1), (8, 1024, 8, 1), (16, 512, 8, 1), (16, 256, 4, 2), (32, 256, 8, 1),
+    (32, 128, 4, 2), (64, 128, 8, 1),
+))
+DEFAULT = Config()
+_TUNED: dict[tuple, list[dict]] = {}  # (n, k, weight dtype, x dtype, GPU index, fused) -> tune()'s table
+
+
+def available(x: torch.Tensor) -> bool:
+    """The Triton kernel can run on ``x``'s device (a CUDA GPU with triton installed)."""
+    return triton is not None and x.is_cuda
+
+
+if triton is not None:
+
+    @triton.jit
+    def _as_float(w, INT8: tl.constexpr, BITS: tl.constexpr):
+        if INT8 and BITS:  # int8 -> float with integer ops: 2**23 + (q + 128), minus 2**23 + 128
+            u = w.to(tl.uint8, bitcast=True).to(tl.int32)
+            return (u ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+        return w.to(tl.float32)
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, eps, HAS_SCALE: tl.constexpr,
+                     RMS: tl.constexpr, RES: tl.constexpr, GLU: tl.constexpr, BITS: tl.constexpr,
+                     ACC2D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
+        # N: output width; with GLU the weight has 2N rows (gate, then up) and y = silu(gate) * up
+        m = tl.program_id(1)  # one row of x per grid column (batch 1: one)
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        w_ptrs = w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :]
+        up = N.to(tl.int64) * K  # offset of the up rows (GLU)
+        if ACC2D:
+            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            acc_u = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            acc_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        ss = tl.zeros((BLOCK_K,), dtype=tl.float32)  # RMS: running sum of x**2
+        for k0 in range(0, K, BLOCK_K):
+            km = rk < K - k0
+            wm = (rn[:, None] < N) & km[None, :]
+            if EVEN:
+                x = tl.load(x_ptr + m * K + k0 + rk).to(tl.float32)
+            else:
+                x = tl.load(x_ptr + m * K + k0 + rk, mask=km, other=0).to(tl.float32)
+            if RMS:
+                ss += x * x
+                x = x * tl.load(g_ptr + k0 + rk, mask=km, other=0).to(tl.float32)
+            if EVEN:
+                w = tl.load(w_ptrs, eviction_policy="evict_first")
+            else:
+                w = tl.load(w_ptrs, mask=wm, other=0, eviction_policy="evict_first")
+            p = _as_float(w, HAS_SCALE, BITS) * x[None, :]
+            if ACC2D:
+                acc += p
+            else:
+                acc += tl.sum(p, axis=1)
+            if GLU:
+                if EVEN:
+                    wu = tl.load(w_ptrs + up, eviction_policy="evict_first")
+                else:
+                    wu = tl.load(w_ptrs + up, mask=wm, other=0, eviction_policy="evict_first")
+                pu = _as_float(wu, HAS_SCALE, BITS) * x[None, :]
+                if ACC2D:
+                    acc_u += pu
+                else:
+                    acc_u += tl.sum(pu, axis=1)
+            w_ptrs += BLOCK_K
+        if ACC2D:
+            a = tl.sum(acc, axis=1)
+            a_u = tl.sum(acc_u, axis=1)
+        else:
+            a = acc
+            a_u = acc_u
+        nm = rn < N
+        if RMS:
+            r = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+            a = a * r
+            a_u = a_u * r
+        if HAS_SCALE:
+            a = a * tl.load(s_ptr + rn, mask=nm, other=0).to(tl.float32)
+            if GLU:
+                a_u = a_u * tl.load(s_ptr + N + rn, mask=nm, other=0).to(tl.float32)
+        if GLU:
+            a = a / (1 + tl.exp(-a)) * a_u  # silu(gate) * up
+        if RES:
+            a += tl.load(r_ptr + m * N + rn, mask=nm, other=0).to(tl.float32)
+        tl.store(y_ptr + m * N + rn, a.to(y_ptr.dtype.element_ty), mask=nm)
+
+    def _launch(x, w, scale, y, cfg: Config, norm=None, eps: float = 0.0, residual=None, glu: bool = False):
+        (M, K), N = x.shape, w.shape[0] // 2 if glu else w.shape[0]
+        even = N % cfg.block_n == 0 and K % cfg.block_k == 0
+        grid = (triton.cdiv(N, cfg.block_n), M)
+        _gemv_kernel[grid](x, w, w if scale is None else scale, x if norm is None else norm,
+                           y if residual is None else residual, y, N, K, eps, HAS_SCALE=scale is not None,
+                           RMS=norm is not None, RES=residual is not None, GLU=glu, BITS=cfg.bits,
+                           ACC2D=cfg.acc2d, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN=even,
+                           num_warps=cfg.warps, num_stages=cfg.stages)
+        return y
+
+    # An opaque custom op: torch.compile calls it as it is (in its CUDA graph) and fuses nothing into it.
+    # (torch.library.triton_op would let Inductor see the kernel, but where it cannot analyse which pointers
+    # the kernel writes it copies every input first -- the whole weight, every call.) Optional, not "| None":
+    # the op's schema is read from these annotations.
+    @torch.library.custom_op("smml::gemv", mutates_args=())
+    def _gemv_op(x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tensor],  # noqa: UP045
+                 norm: Optional[torch.Tensor], eps: float, residual: Optional[torch.Tensor],  # noqa: UP045
+                 glu: bool, block_n: int, block_k: int, warps: int, stages: int, bits: bool,
+                 acc2d: bool) -> torch.Tensor:
+        y = x.new_empty((x.shape[0], w.shape[0] // 2 if glu else w.shape[0]))
+        cfg = Config(block_n, block_k, warps, stages, bits, acc2d)
+        return _launch(x, w, scale, y, cfg, norm, eps, residual, glu)
+
+    @_gemv_op.register_fake
+    def _(x, w, scale, norm, eps, residual, glu, *cfg):
+        return x.new_empty((x.shape[0], w.shape[0] // 2 if glu else w.shape[0]))
+
+
+def reference(x, w, scale=None, norm=None, eps: float = 0.0, residual=None, glu: bool = False) -> torch.Tensor:
+    """What the kernel computes, in plain torch and x's dtype: ``residual + rms_norm(x) @ (w * scale).T``;
+    ``glu``: the product's two halves (gate, up) become ``silu(gate) * up``."""
+    from .lean import rms_norm  # here, not at the top: lean imports decode_attn, which imports this module
+
+    y = F.linear(x if norm is None else rms_norm(x, norm, eps), w.to(x.dtype))
+    y = y if scale is None else y * scale.to(x.dtype)
+    if glu:
+        gate, up = y.chunk(2, dim=-1)
+        y = F.silu(gate) * up
+    return y if residual is None else residual + y
+
+
+def linear(x, w, scale, cfg: tuple, norm=None, eps: float = 0.0, residual=None, glu: bool = False):
+    """A linear layer's forward on ``x (..., K)``: the kernel for a single row on a GPU, else ``reference``
+    (a prefill's many rows reuse each weight across rows: there cuBLAS is the right tool).
+    ``cfg``: ``astuple(Config)``, plain values, so that torch.compile sees constants."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] != 1 or not available(x2):
+        return reference(x, w, scale, norm, eps, residual, glu)
+    r2 = None if residual is None else residual.reshape(1, -1).contiguous()
+    y = torch.ops.smml.gemv(x2.contiguous(), w, scale, norm, eps, r2, glu, *cfg)
+    return y.view(*x.shape[:-1], -1)
+
+
+class Linear(torch.nn.Module):
+    """A bias-free linear layer run by the kernel at batch 1; the bf16 counterpart of ``quant.Int8Linear``
+    with impl "triton". ``from_linear`` shares the weight tensor (no copy). ``fuse``: the lean model hands
+    it the RMSNorm before it and the residual after it (``lean.apply``)."""
+
+    def __init__(self, weight: torch.Tensor, fuse: bool = True):
+        super().__init__()
+        self.weight, self.scales, self.fuse, self.cfg = weight, None, fuse, astuple(DEFAULT)
+
+    @classmethod
+    def from_linear(cls, lin: torch.nn.Linear, fuse: bool = True) -> Linear:
+        if lin.bias is not None:
+            raise ValueError("gemv.Linear has no bias: Mistral's linear layers have none")
+        return cls(lin.weight, fuse)
+
+    def forward(self, x, norm=None, eps: float = 0.0, residual=None, glu: bool = False):
+        return linear(x, self.weight, self.scales, self.cfg, norm, eps, residual, glu)
+
+    def extra_repr(self) -> str:
+        return f"in={self.weight.shape[1]}, out={self.weight.shape[0]}, {self.weight.dtype}, fuse={self.fuse}"
+
+
+def _key(n, k, wdtype, xdtype, dev, fused: str | None) -> tuple:
+    return (n, k, wdtype, xdtype, dev.index, fused)
+
+
+def rel_err_of(cfg: Config, x, w, scale, ref, **fused) -> float:
+    """Relative error of one launch against ``ref``; the output is poisoned (NaN) first."""
+    from .timing import rel_err
+
+    y = torch.full(ref.shape, float("nan"), dtype=x.dtype, device=x.device)
+    return rel_err(_launch(x, w, scale, y, cfg, **fused), ref)
+
+
+def _problem(n: int, k: int, wdtype, xdtype, dev, fused: str | None):
+    """Random x (1, k), w (n, k) (int8 with per-row scales, or ``wdtype``), the kernel's fused inputs
+    (``fused``: "norm", "residual", "norm+glu"; see ``lean.LeanMistral.FUSED_WITH``) and the float64 result."""
+    g = torch.Generator(dev).manual_seed(0)
+    x = torch.randn(1, k, device=dev, dtype=xdtype, generator=g)
+    w, scale = torch.randn(n, k, device=dev, generator=g), None
+    if wdtype == torch.int8:
+        s = w.abs().amax(1) / 127
+        w, scale = torch.round(w / s[:, None]).clamp(-127, 127), s.to(xdtype)
+    w = w.to(wdtype)
+    parts, kw = set((fused or "").split("+")), {}
+    if "norm" in parts:
+        kw |= {"norm": (1 + 0.1 * torch.randn(k, device=dev, generator=g)).to(xdtype), "eps": 1e-5}
+    if "residual" in parts:
+        kw |= {"residual": torch.randn(1, n, device=dev, generator=g).to(xdtype)}
+    if "glu" in parts:
+        kw |= {"glu": True}
+    d = {key: v.double() if torch.is_tensor(v) else v for key, v in kw.items()}
+    ref = reference(x.double(), w.double(), None if scale is None else scale.double(), **d)
+    return x, w, scale, kw, ref
+
+
+def tune(n: int, k: int, wdtype=torch.int8, xdtype=torch.bfloat16, device=None, fused: str | None = None,
+         configs=CONFIGS, tol: float = 1e-2, max_time_s: float = 0.2) -> list[dict]:
+    """Time every candidate config for an (n x k) weight at M = 1 on this GPU, with the norm or the residual
+    fused in as the layer will use it (``fused``: None, "norm" or "residual"); remember the table.
+
+    Each candidate is first checked against the float64 result. Timing: ``labutils.timing``, over a
+    CUDA graph of one call per weight copy, with enough copies to fill 3x the L2 (as in the model, where
+    each layer's weight comes from HBM, not from cache). -> rows (config, us, GB/s, rel err), fastest first.
+    """
+    from . import timing
+
+    dev = torch.device(device or "cuda")
+    if triton is None or dev.type != "cuda":
+        raise RuntimeError("gemv.tune needs a CUDA GPU and triton; on a CPU the layers use the plain path")
+    dev = torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
+    x, w0, scale, kw, ref = _problem(n, k, wdtype, xdtype, dev, fused)
+    wbytes = w0.numel() * w0.element_size()
+    copies = math.ceil(3 * torch.cuda.get_device_properties(dev).L2_cache_size / wbytes)
+    ws = [w0] + [w0.clone() for _ in range(copies - 1)]
+    y = torch.empty(1, n // 2 if kw.get("glu") else n, device=dev, dtype=xdtype)
+    rows = []
+    for cfg in configs:
+        row = {"config": cfg}
+        try:
+            row["rel err"] = err = rel_err_of(cfg, x, w0, scale, ref, **kw)
+            if not err <= tol:
+                raise RuntimeError(f"wrong result: rel err {err:.2e} > {tol:.0e}")
+            g = timing.graphed(lambda c=cfg: [_launch(x, w, scale, y, c, **kw) for w in ws], dev)
+            t = timing.benchmark(g.run, device=dev, warmup=2, reps=20, max_time_s=max_time_s)
+            row |= {"us": 1e6 * t.median_s / len(ws), "GB/s": wbytes * len(ws) / t.median_s / 1e9,
+                    "spread": t.spread}
+        except Exception as e:  # noqa: BLE001 - a config that does not compile or fit: reported, not chosen
+            row["error"] = f"{type(e).__name__}: {str(e)[:100]}"
+        rows.append(row)
+    ok = sorted((r for r in rows if "us" in r), key=lambda r: r["us"])
+    if not ok:
+        raise RuntimeError(f"no gemv config ran for {n}x{k}: {rows[0].get('error')}")
+    _TUNED[_key(n, k, wdtype, xdtype, dev, fused)] = table = ok + [r for r in rows if "us" not in r]
+    return table
+
+
+def tune_model(model: torch.nn.Module, **kw) -> list[dict]:
+    """``tune`` every distinct weight (shape, dtype, fusion) of the kernel-run layers of ``model`` (those
+    with a ``cfg``: ``Linear`` and ``quant.Int8Linear`` "triton"), and set each layer's ``cfg`` to the winner.
+    Which layer gets the norm or the residual fused in is read from ``model.FUSED_WITH`` (layer name ->
+    "norm" | "residual", as ``lean.LeanMistral`` declares it). A case already tuned in this process is not
+    timed again. -> one row per case: its best config and time, and the runner-up's. No GPU: no rows."""
+    rows, done, roles = [], {}, getattr(model, "FUSED_WITH", {})
+    for name, m in model.named_modules():
+        if not (hasattr(m, "cfg") and hasattr(m, "weight")) or not available(m.weight):
+            continue
+        w, fused = m.weight, roles.get(name.rsplit(".", 1)[-1]) if m.fuse else None
+        xd = m.scales.dtype if m.scales is not None else w.dtype
+        key = _key(*w.shape, w.dtype, xd, w.device, fused)
+        if key not in done:
+            table = _TUNED.get(key) or tune(*w.shape, w.dtype, xd, w.device, fused, **kw)
+            done[key] = table[0]["config"]
+            rows.append({"weight": f"{w.shape[0]}x{w.shape[1]} {str(w.dtype)[6:]}", "fused": fused or "-",
+                         "best": table[0]["config"], "us": table[0]["us"], "GB/s": table[0]["GB/s"],
+                         "rel err": table[0]["rel err"],
+                         "runner-up us": table[1].get("us") if len(table) > 1 else None})
+        m.cfg = astuple(done[key])
+    return rows
