@@ -55,6 +55,7 @@ class Config:
     stages: int = 1
     bits: bool = True
     acc2d: bool = False  # sum a (block_n, block_k) tile per step, reduce once at the end (not every step)
+    prmt: bool = False  # int8, GPU only: 4 weights per 32-bit load, each made a float by one byte permute
 
 
 #: Candidates for ``tune``: many programs of a few rows (for matrices with few rows, e.g. 4096 x 4096) to
@@ -66,6 +67,9 @@ CONFIGS = tuple(Config(*c, True, False) for c in (
 )) + tuple(Config(*c, True, True) for c in (
     (4, 1024, 4, 1), (8, 512, 4, 1), (8, 1024, 8, 1), (16, 512, 8, 1), (16, 256, 4, 2), (32, 256, 8, 1),
     (32, 128, 4, 2), (64, 128, 8, 1),
+)) + tuple(Config(*c, True, False, True) for c in (  # int8 weights only (bf16: rejected before compiling)
+    (4, 1024, 4, 1), (4, 2048, 4, 1), (8, 1024, 4, 1), (8, 2048, 8, 1), (16, 1024, 8, 1), (16, 2048, 8, 1),
+    (32, 512, 8, 1), (32, 256, 4, 2),
 ))
 DEFAULT = Config()
 _TUNED: dict[tuple, list[dict]] = {}  # (n, k, weight dtype, x dtype, GPU index, fused) -> tune()'s table
@@ -86,9 +90,25 @@ if triton is not None:
         return w.to(tl.float32)
 
     @triton.jit
+    def _byte_as_float(v, J: tl.constexpr):
+        """Byte J of each 32-bit word (q + 128, see PRMT below) as a float: ``prmt`` builds the bits of
+        2**23 + byte in ONE instruction (bytes: the weight's, 0x00, 0x00, 0x4B), then 2**23 + 128 is subtracted."""
+        magic = tl.zeros_like(v) + 0x4B000000
+        if J == 0:
+            b = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7540;", "=r,r,r", [v, magic], tl.int32, True, 1)
+        elif J == 1:
+            b = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7541;", "=r,r,r", [v, magic], tl.int32, True, 1)
+        elif J == 2:
+            b = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7542;", "=r,r,r", [v, magic], tl.int32, True, 1)
+        else:
+            b = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7543;", "=r,r,r", [v, magic], tl.int32, True, 1)
+        return b.to(tl.float32, bitcast=True) - 8388736.0
+
+    @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, eps, HAS_SCALE: tl.constexpr,
                      RMS: tl.constexpr, RES: tl.constexpr, GLU: tl.constexpr, BITS: tl.constexpr,
-                     ACC2D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
+                     ACC2D: tl.constexpr, PRMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     EVEN: tl.constexpr):
         # N: output width; with GLU the weight has 2N rows (gate, then up) and y = silu(gate) * up
         m = tl.program_id(1)  # one row of x per grid column (batch 1: one)
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -102,7 +122,26 @@ if triton is not None:
             acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
             acc_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
         ss = tl.zeros((BLOCK_K,), dtype=tl.float32)  # RMS: running sum of x**2
-        for k0 in range(0, K, BLOCK_K):
+        ss4 = tl.zeros((BLOCK_K // 4,), dtype=tl.float32)  # the same, for the PRMT loop
+        acc4 = tl.zeros((BLOCK_N, BLOCK_K // 4), dtype=tl.float32)  # PRMT: 2-D sums, reduced once at the end
+        acc4u = tl.zeros((BLOCK_N, BLOCK_K // 4), dtype=tl.float32)
+        if PRMT:  # int8 and EVEN only (checked by _launch): w_ptr read as int32, 4 weights a word
+            r4 = tl.arange(0, BLOCK_K // 4)
+            w4_ptrs = w_ptr.to(tl.pointer_type(tl.int32)) + rn[:, None].to(tl.int64) * (K // 4) + r4[None, :]
+            for k0 in range(0, K, BLOCK_K):
+                v = tl.load(w4_ptrs, eviction_policy="evict_first") ^ -2139062144  # 0x80808080: each byte + 128
+                if GLU:
+                    vu = tl.load(w4_ptrs + up // 4, eviction_policy="evict_first") ^ -2139062144
+                for j in tl.static_range(4):  # byte j of word i is column 4 i + j
+                    xj = tl.load(x_ptr + m * K + k0 + 4 * r4 + j).to(tl.float32)
+                    if RMS:
+                        ss4 += xj * xj
+                        xj = xj * tl.load(g_ptr + k0 + 4 * r4 + j).to(tl.float32)
+                    acc4 += _byte_as_float(v, j) * xj[None, :]
+                    if GLU:
+                        acc4u += _byte_as_float(vu, j) * xj[None, :]
+                w4_ptrs += BLOCK_K // 4
+        for k0 in range(0, K if not PRMT else 0, BLOCK_K):
             km = rk < K - k0
             wm = (rn[:, None] < N) & km[None, :]
             if EVEN:
@@ -138,9 +177,12 @@ if triton is not None:
         else:
             a = acc
             a_u = acc_u
+        if PRMT:
+            a += tl.sum(acc4, axis=1)
+            a_u += tl.sum(acc4u, axis=1)
         nm = rn < N
         if RMS:
-            r = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+            r = tl.rsqrt((tl.sum(ss, axis=0) + tl.sum(ss4, axis=0)) / K + eps)
             a = a * r
             a_u = a_u * r
         if HAS_SCALE:
@@ -156,11 +198,15 @@ if triton is not None:
     def _launch(x, w, scale, y, cfg: Config, norm=None, eps: float = 0.0, residual=None, glu: bool = False):
         (M, K), N = x.shape, w.shape[0] // 2 if glu else w.shape[0]
         even = N % cfg.block_n == 0 and K % cfg.block_k == 0
+        if cfg.prmt and not (scale is not None and even and cfg.bits and not cfg.acc2d and x.is_cuda
+                             and w.data_ptr() % 16 == 0):
+            raise ValueError("prmt: int8 weights (16-byte aligned), shapes that divide into whole blocks, "
+                             "bits=True, acc2d=False, and a GPU (the interpreter has no inline assembly)")
         grid = (triton.cdiv(N, cfg.block_n), M)
         _gemv_kernel[grid](x, w, w if scale is None else scale, x if norm is None else norm,
                            y if residual is None else residual, y, N, K, eps, HAS_SCALE=scale is not None,
                            RMS=norm is not None, RES=residual is not None, GLU=glu, BITS=cfg.bits,
-                           ACC2D=cfg.acc2d, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN=even,
+                           ACC2D=cfg.acc2d, PRMT=cfg.prmt, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN=even,
                            num_warps=cfg.warps, num_stages=cfg.stages)
         return y
 
@@ -172,9 +218,9 @@ if triton is not None:
     def _gemv_op(x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tensor],  # noqa: UP045
                  norm: Optional[torch.Tensor], eps: float, residual: Optional[torch.Tensor],  # noqa: UP045
                  glu: bool, block_n: int, block_k: int, warps: int, stages: int, bits: bool,
-                 acc2d: bool) -> torch.Tensor:
+                 acc2d: bool, prmt: bool) -> torch.Tensor:
         y = x.new_empty((x.shape[0], w.shape[0] // 2 if glu else w.shape[0]))
-        cfg = Config(block_n, block_k, warps, stages, bits, acc2d)
+        cfg = Config(block_n, block_k, warps, stages, bits, acc2d, prmt)
         return _launch(x, w, scale, y, cfg, norm, eps, residual, glu)
 
     @_gemv_op.register_fake
