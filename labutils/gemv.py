@@ -1,34 +1,39 @@
-"""A hand-written Triton matrix-vector kernel for batch-1 decode (lab4 §Int8 weight-only).
+"""A hand-written Triton matrix-vector kernel for batch-1 decode (lab4 §Rung d′, §Int8 weight-only).
 
 At batch 1 every linear layer is ``y = x @ W.T`` with ONE row of ``x``: each weight is read once and used
 once, so the kernel's only job is to stream ``W`` at the memory's bandwidth. ``_gemv_kernel`` gives each
 program ``BLOCK_N`` output rows; it walks along K in ``BLOCK_K`` steps, multiplies the weight tile by the
 matching slice of ``x`` (which every program reads from L2) and sums in float32. Int8 weights
 (``scale`` given) are converted in registers and scaled once per output row: the weight really is read
-as int8, one byte each. Two ways to convert a byte:
+as int8, one byte each. At several TB/s of int8 the instructions spent per weight, not the memory, can set
+the pace, so there are three ways to convert a byte (``Config.bits``, ``Config.prmt``):
 
-- ``bits=False``: ``w.to(float32)``, one int-to-float instruction per weight. Hopper issues those at a
-  quarter of its add/multiply rate, so at several TB/s of int8 they, not the memory, can set the pace.
-- ``bits=True``: the byte with its sign bit flipped (``q + 128``, 0..255) is written into the mantissa of
-  the float 2**23 with one XOR (giving 2**23 + q + 128 exactly), then 2**23 + 128 is subtracted.
+- ``w.to(float32)``: one int-to-float instruction, which Hopper issues at a quarter of its add rate;
+- ``bits``: the byte with its sign bit flipped (``q + 128``, 0..255) is written into the mantissa of the
+  float 2**23 with one XOR (giving 2**23 + q + 128 exactly), then 2**23 + 128 is subtracted;
+- ``prmt``: four weights per 32-bit load, the four sign bits flipped with one XOR, and each float's bits
+  built by ONE byte-permute instruction (inline PTX ``prmt``; GPU only), then the same subtraction.
 
-Two fusions that cost no extra bytes, because one row of ``x`` is all each program needs:
+Three fusions that cost no extra bytes, because one row of ``x`` is all each program needs:
 
 - ``norm``: RMSNorm of ``x`` inside the product. ``W @ (g * x * r) = r * (W @ (g * x))`` with the scalar
-  ``r = 1 / rms(x)``: each program sums ``x**2`` while it streams and multiplies once at the end.
-- ``residual``: ``y = residual + W @ x`` in the epilogue.
+  ``r = 1 / rms(x)``: each program sums ``x**2`` while it streams and multiplies once at the end;
+- ``residual``: ``y = residual + W @ x`` in the epilogue;
+- ``glu``: the gate and up projections in one weight: each program takes a gate row and its up row and
+  writes ``silu(gate) * up``.
 
-So a decoder layer's four products also do its two norms and two residual adds: fewer small kernels per
-token, and every one of them a fixed cost that int8 does not shrink.
+So a decoder layer's four products also do its two norms, two residual adds and its SiLU: fewer small
+kernels per token, each a fixed cost that int8 does not shrink (``lean.apply`` hands them over).
 
-``gemv`` is a custom op (``torch.library.custom_op``): torch.compile puts it in its CUDA graph as it is and
-fuses nothing into it -- Inductor's own M = 1 reductions recompute a fused producer (RMSNorm, SiLU-times-up)
-for every block of rows, which cost the int8 rung most of its speed-up. ``tune`` picks the block shape per
-matrix on this GPU with ``labutils.timing``, every candidate checked against a float64 product first.
-Without Triton, on a CPU, or for many rows (a prefill) the same maths runs as plain torch (``reference``).
+The kernel runs as the custom op ``torch.ops.smml.gemv`` (``torch.library.custom_op``): torch.compile puts
+it in its CUDA graph as it is and fuses nothing into it -- Inductor's own M = 1 reductions recompute a
+fused producer (RMSNorm, SiLU-times-up) for every block of rows, which cost the int8 rung most of its
+speed-up. ``tune`` picks the block shape per matrix and fusion on this GPU with ``labutils.timing``, every
+candidate checked against a float64 result first. Without Triton, on a CPU, or for many rows (a prefill)
+``linear`` runs the same maths in plain torch (``reference``).
 
-Tested on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``, tests/test_gemv.py).
-Used in lab4 §Int8 weight-only (through ``labutils.quant``).
+Tested on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``; tests/test_gemv.py) and compiled
+there for sm_90 with the ptxas Triton ships. Used in lab4 (through ``labutils.quant`` and ``lean.apply``).
 """
 
 from __future__ import annotations
