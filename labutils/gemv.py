@@ -360,7 +360,8 @@ def tune_model(model: torch.nn.Module, **kw) -> list[dict]:
     with a ``cfg``: ``Linear`` and ``quant.Int8Linear`` "triton"), and set each layer's ``cfg`` to the winner.
     Which layer gets the norm or the residual fused in is read from ``model.FUSED_WITH`` (layer name ->
     "norm" | "residual", as ``lean.LeanMistral`` declares it). A case already tuned in this process is not
-    timed again. -> one row per case: its best config and time, and the runner-up's. No GPU: no rows."""
+    timed again. -> one row per case: its best config, its time (median; spread = (p80 - p20) / median), the
+    runner-up's time. No GPU: no rows."""
     rows, done, roles = [], {}, getattr(model, "FUSED_WITH", {})
     for name, m in model.named_modules():
         if not (hasattr(m, "cfg") and hasattr(m, "weight")) or not available(m.weight):
@@ -373,7 +374,7 @@ def tune_model(model: torch.nn.Module, **kw) -> list[dict]:
             done[key] = table[0]["config"]
             rows.append({"weight": f"{w.shape[0]}x{w.shape[1]} {str(w.dtype)[6:]}", "fused": fused or "-",
                          "best": table[0]["config"], "us": table[0]["us"], "GB/s": table[0]["GB/s"],
-                         "rel err": table[0]["rel err"],
+                         "spread": table[0]["spread"], "rel err": table[0]["rel err"],
                          "runner-up us": table[1].get("us") if len(table) > 1 else None})
         m.cfg = astuple(done[key])
     return rows
