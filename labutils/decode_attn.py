@@ -1,5 +1,5 @@
 """One new token's attention in one Triton kernel: RoPE, the KV-cache write and GQA attention over the cache
-(lab4 §Hand-written kernels; the lean model's ``attn="triton"``).
+(lab4 §Rung d′; the lean model's ``attn="triton"``).
 
 At batch 1 the attention of a decode step is tiny work -- 32 query heads of 128 over a few hundred cached
 tokens -- but written in torch it is six or seven small kernels per layer (RoPE of q and of k, two cache
@@ -15,11 +15,11 @@ program per (sequence, KV head) does all of it:
    this program has just written.
 
 Only ``pos + 1`` slots are read, not the whole preallocated cache. Long contexts would want the cache
-split across several programs per head (flash-decoding) -- lab4's exercise 4; at a few hundred tokens
+split across several programs per head (flash-decoding) -- lab4's exercise 7; at a few hundred tokens
 one program per head is enough.
 
 Without Triton or a GPU, ``attend`` is the same maths in torch (``reference``). Tested against it on the
-CPU through Triton's interpreter (tests/gemv_interpreted.py). Used in lab4 §Hand-written kernels.
+CPU through Triton's interpreter (tests/gemv_interpreted.py). Used in lab4 §Rung d′ and §Rung e.
 """
 
 from __future__ import annotations
@@ -87,13 +87,10 @@ if triton is not None:
         return qkv.new_empty((B, qkv.shape[-1] - 2 * KV * HD))
 
 
-def _rope(x, cos, sin):  # x (..., hd): the halves convention of HF Mistral, as lean._rope
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
 def reference(qkv, cos, sin, pos, k_cache, v_cache) -> torch.Tensor:
     """The kernel's maths in torch: writes k (rotated) and v at ``pos`` into the caches, returns (B, H * hd)."""
+    from .lean import _rope  # here, not at the top: lean imports this module
+
     B, KV, S, hd = k_cache.shape
     H = qkv.shape[-1] // hd - 2 * KV
     q, k, v = qkv.view(B, H + 2 * KV, hd).split([H, KV, KV], dim=1)

@@ -45,6 +45,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from . import timing
+
 try:
     import triton
     import triton.language as tl
@@ -286,21 +288,21 @@ def _key(n, k, wdtype, xdtype, dev, fused: str | None) -> tuple:
 
 def rel_err_of(cfg: Config, x, w, scale, ref, **fused) -> float:
     """Relative error of one launch against ``ref``; the output is poisoned (NaN) first."""
-    from .timing import rel_err
-
     y = torch.full(ref.shape, float("nan"), dtype=x.dtype, device=x.device)
-    return rel_err(_launch(x, w, scale, y, cfg, **fused), ref)
+    return timing.rel_err(_launch(x, w, scale, y, cfg, **fused), ref)
 
 
 def _problem(n: int, k: int, wdtype, xdtype, dev, fused: str | None):
     """Random x (1, k), w (n, k) (int8 with per-row scales, or ``wdtype``), the kernel's fused inputs
     (``fused``: "norm", "residual", "norm+glu"; see ``lean.LeanMistral.FUSED_WITH``) and the float64 result."""
+    from .quant import quantize_per_channel  # here, not at the top: quant imports this module
+
     g = torch.Generator(dev).manual_seed(0)
     x = torch.randn(1, k, device=dev, dtype=xdtype, generator=g)
     w, scale = torch.randn(n, k, device=dev, generator=g), None
     if wdtype == torch.int8:
-        s = w.abs().amax(1) / 127
-        w, scale = torch.round(w / s[:, None]).clamp(-127, 127), s.to(xdtype)
+        w, scale = quantize_per_channel(w)
+        scale = scale.to(xdtype)
     w = w.to(wdtype)
     parts, kw = set((fused or "").split("+")), {}
     if "norm" in parts:
@@ -323,8 +325,6 @@ def tune(n: int, k: int, wdtype=torch.int8, xdtype=torch.bfloat16, device=None, 
     CUDA graph of one call per weight copy, with enough copies to fill 3x the L2 (as in the model, where
     each layer's weight comes from HBM, not from cache). -> rows (config, us, GB/s, rel err), fastest first.
     """
-    from . import timing
-
     dev = torch.device(device or "cuda")
     if triton is None or dev.type != "cuda":
         raise RuntimeError("gemv.tune needs a CUDA GPU and triton; on a CPU the layers use the plain path")

@@ -8,11 +8,11 @@ output channel: ``w ~= q * scale``, ``q`` in [-127, 127], every weight off by at
 
 - ``"triton"`` (default): at batch 1 on a GPU, the hand-written Triton kernel of ``labutils.gemv``,
   which reads the int8 weight once and converts it in registers, as its own kernel in the compiled
-  graph, and also does the RMSNorm before the layer and the residual add after it (``lean.apply``);
-  its block shape tuned per matrix (``gemv.tune_model``). Elsewhere, and for a prefill's many rows,
+  graph, and also does the RMSNorm before the layer, the residual add after it and SiLU(gate) x up
+  (``lean.apply``); its block shape tuned per matrix (``gemv.tune_model``). Elsewhere, and for a prefill's many rows,
   the same maths in plain torch (``gemv.reference``: dequantize, then matmul).
-- ``"triton_plain"``: the same kernel without the norm and residual fused in (the lean model then runs
-  them as Inductor's kernels around it): what the fusion is worth.
+- ``"triton_plain"``: the same kernel without those fusions (the lean model then runs them as Inductor's
+  kernels around it): what the fusion is worth.
 
 - ``"dequant"``: ``F.linear(x, q.to(x.dtype)) * scale``. Eager, this converts the whole weight
   to bf16 first (reads int8, writes and re-reads bf16: slower than bf16). Under torch.compile
@@ -114,7 +114,8 @@ def copy_structure(module: nn.Module, leaf=lambda m: None) -> nn.Module:
 
 def quantize_int8(model: nn.Module, impl: str = "triton") -> nn.Module:
     """A copy of ``model`` with every ``nn.Linear`` as ``Int8Linear``; all other tensors are shared.
-    For impl "triton" on a GPU, then ``gemv.tune_model`` (each distinct shape is tuned once per process)."""
+    For the "triton" impls on a GPU, call ``gemv.tune_model`` on the copy next (else the layers keep the
+    default block shape)."""
     return copy_structure(model, lambda m: Int8Linear.from_linear(m, impl) if isinstance(m, nn.Linear) else None)
 
 
