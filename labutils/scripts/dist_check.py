@@ -74,6 +74,11 @@ def drills(args, ctx) -> None:
     if args.fail_rank == ctx.rank:
         print(f"rank {ctx.rank}: --fail-rank, exiting with code 3", flush=True)
         sys.exit(3)
+    if args.fail_rank is not None and 0 <= args.fail_rank < ctx.world:
+        # the others wait instead of meeting the dead rank in a collective: otherwise one of them may crash
+        # first ("connection closed by peer", exit code 1) and torchrun would name IT as the root cause.
+        # torchrun sees rank R's exit within its monitor interval (0.1 s) and stops these ranks.
+        time.sleep(30)
     if args.hang_rank == ctx.rank:
         print(f"rank {ctx.rank}: --hang-rank, sleeping forever", flush=True)
         while True:
