@@ -26,20 +26,24 @@ from __future__ import annotations
 
 import torch
 
-from .gemv import available, triton
+from .gemv import available, pdl_ok, triton
 
 if triton is not None:
     import triton.language as tl
 
+    from .gemv import _pdl_launch_next, _pdl_wait
+
     @triton.jit
     def _attn_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, y_ptr, S, scale, H: tl.constexpr,
-                     KV: tl.constexpr, G: tl.constexpr, HD: tl.constexpr, BLOCK_S: tl.constexpr):
+                     KV: tl.constexpr, G: tl.constexpr, HD: tl.constexpr, BLOCK_S: tl.constexpr,
+                     PDL: tl.constexpr):
         b, h = tl.program_id(0), tl.program_id(1)
+        _pdl_wait(PDL)  # everything this kernel reads but the cache comes from the kernel before it
         p = tl.load(pos_ptr)
         d = tl.arange(0, HD)
         partner = (d + HD // 2) % HD  # rotate_half: (-x2, x1)
         sign = tl.where(d < HD // 2, -1.0, 1.0)
-        cos, sin = tl.load(cos_ptr + d).to(tl.float32), tl.load(sin_ptr + d).to(tl.float32)
+        cos, sin = tl.load(cos_ptr + p * HD + d).to(tl.float32), tl.load(sin_ptr + p * HD + d).to(tl.float32)
         row = qkv_ptr + b * (H + 2 * KV) * HD
         k_at, v_at = row + (H + h) * HD, row + (H + KV + h) * HD
         k = tl.load(k_at + d).to(tl.float32) * cos + sign * tl.load(k_at + partner).to(tl.float32) * sin
@@ -67,6 +71,7 @@ if triton is not None:
             vb = tl.load(vc_ptr + cache + rs[:, None] * HD + d[None, :], mask=sm[:, None], other=0)
             acc = acc * alpha[:, None] + tl.dot(pr.to(vb.dtype), vb)
             l_i, m_i = l_i * alpha + tl.sum(pr, axis=1), m_new
+        _pdl_launch_next(PDL)
         out = acc / l_i[:, None]
         tl.store(y_ptr + b * H * HD + (h * G + g)[:, None] * HD + d[None, :], out.to(y_ptr.dtype.element_ty),
                  mask=gm[:, None])
@@ -76,9 +81,9 @@ if triton is not None:
                  k_cache: torch.Tensor, v_cache: torch.Tensor, block_s: int) -> torch.Tensor:
         B, KV, S, HD = k_cache.shape
         H = qkv.shape[-1] // HD - 2 * KV
-        y = qkv.new_empty((B, H * HD))
+        y, pdl = qkv.new_empty((B, H * HD)), pdl_ok(qkv)
         _attn_kernel[(B, KV)](qkv, cos, sin, pos, k_cache, v_cache, y, S, HD ** -0.5, H=H, KV=KV, G=H // KV,
-                              HD=HD, BLOCK_S=block_s, num_warps=4)
+                              HD=HD, BLOCK_S=block_s, PDL=pdl, num_warps=4, launch_pdl=pdl)
         return y
 
     @_attn_op.register_fake
@@ -94,6 +99,7 @@ def reference(qkv, cos, sin, pos, k_cache, v_cache) -> torch.Tensor:
     B, KV, S, hd = k_cache.shape
     H = qkv.shape[-1] // hd - 2 * KV
     q, k, v = qkv.view(B, H + 2 * KV, hd).split([H, KV, KV], dim=1)
+    cos, sin = cos[pos], sin[pos]
     k_cache[:, :, pos] = _rope(k, cos, sin).to(k_cache.dtype)[:, :, None]
     v_cache[:, :, pos] = v.to(v_cache.dtype)[:, :, None]
     q = _rope(q, cos, sin).to(k_cache.dtype).float().view(B, KV, H // KV, hd)
@@ -102,10 +108,11 @@ def reference(qkv, cos, sin, pos, k_cache, v_cache) -> torch.Tensor:
     return (torch.softmax(s, -1) @ v_cache[:, :, :n].float()).to(qkv.dtype).reshape(B, H * hd)
 
 
-def attend(qkv, cos, sin, pos, k_cache, v_cache, block_s: int = 64) -> torch.Tensor:
+def attend(qkv, cos, sin, pos, k_cache, v_cache, block_s: int = 128) -> torch.Tensor:
     """Attention of one new token per sequence: ``qkv`` (B, (H + 2 KV) * hd), the q/k/v projection's output;
-    ``cos``, ``sin`` (hd,) at ``pos`` (a one-element tensor); caches (B, KV, S, hd), written at ``pos``.
-    -> (B, H * hd). The kernel on a GPU, else ``reference``."""
+    ``cos``, ``sin``: the RoPE tables (S, hd), read at row ``pos`` (a one-element tensor) inside the kernel
+    (indexing them in torch cost a gather kernel per layer); caches (B, KV, S, hd), written at ``pos``.
+    -> (B, H * hd). The kernel on a GPU (launched with PDL where ``gemv.pdl_ok``), else ``reference``."""
     if not available(qkv):
         return reference(qkv, cos, sin, pos, k_cache, v_cache)
     return torch.ops.smml.decode_attn(qkv.contiguous(), cos.contiguous(), sin.contiguous(), pos, k_cache, v_cache,

@@ -108,12 +108,13 @@ class _Block(nn.Module):
         self.register_buffer("k_cache", None, persistent=False)
         self.register_buffer("v_cache", None, persistent=False)
 
-    def attention(self, x, cos, sin, mask, pos, attn):
-        """Attention of the block's (un-normed) input ``x`` -> its output before ``wo``."""
+    def attention(self, x, cos, sin, mask, pos, attn, rope):
+        """Attention of the block's (un-normed) input ``x`` -> its output before ``wo``; ``cos``, ``sin`` at
+        ``pos``, ``rope``: the whole tables (the decode kernel reads its row itself)."""
         (B, T, _), H, KV, hd = x.shape, self.c.n_heads, self.c.n_kv_heads, self.c.head_dim
         qkv = apply(self.wqkv, x, self.attn_norm, self.c.eps)
         if attn == "triton" and T == 1 and decode_attn.available(qkv):  # RoPE, cache write, attention: 1 kernel
-            return decode_attn.attend(qkv.view(B, -1), cos[0], sin[0], pos, self.k_cache, self.v_cache).view(B, 1, -1)
+            return decode_attn.attend(qkv.view(B, -1), *rope, pos, self.k_cache, self.v_cache).view(B, 1, -1)
         q, k, v = qkv.split([H * hd, KV * hd, KV * hd], dim=-1)
         q = _rope(q.view(B, T, H, hd).transpose(1, 2), cos, sin)
         self.k_cache.index_copy_(2, pos, _rope(k.view(B, T, KV, hd).transpose(1, 2), cos, sin))
@@ -128,8 +129,8 @@ class _Block(nn.Module):
                                                attn_mask=mask)
         return y.reshape(B, H, T, hd).transpose(1, 2).reshape(B, T, H * hd)
 
-    def forward(self, x, cos, sin, mask, pos, attn):
-        x = apply(self.wo, self.attention(x, cos, sin, mask, pos, attn), residual=x)
+    def forward(self, x, cos, sin, mask, pos, attn, rope):
+        x = apply(self.wo, self.attention(x, cos, sin, mask, pos, attn, rope), residual=x)
         return apply(self.w2, apply(self.w13, x, self.ffn_norm, self.c.eps, glu=True), residual=x)
 
 
@@ -179,7 +180,7 @@ class LeanMistral(nn.Module):
         x = self.tok_emb(idx)
         cos, sin, mask = self.cos[pos], self.sin[pos], self.mask(pos, x.dtype)
         for b in self.layers:
-            x = b(x, cos, sin, mask, pos, self.attn)
+            x = b(x, cos, sin, mask, pos, self.attn, (self.cos, self.sin))
         return apply(self.output, x, self.norm, self.c.eps)
 
     @classmethod

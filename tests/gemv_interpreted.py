@@ -47,6 +47,14 @@ def test_fused_norm_and_residual_match_reference():
     assert gemv.rel_err_of(gemv.DEFAULT, x, w, s, wrong, norm=g, eps=1e-5, residual=r) > 0.1
 
 
+@pytest.mark.parametrize("opt", [{"pdl": True}, {"prmt": True}])
+def test_gpu_only_options_are_refused_here(opt):
+    # PDL and PRMT are inline PTX for a GPU: on a CPU tensor the launch says so instead of failing inside
+    x, w, s, ref = problem(64, 256, 1, True)
+    with pytest.raises(ValueError, match=next(iter(opt))):
+        gemv.rel_err_of(gemv.Config(8, 128, 4, 1, True, **opt), x, w, s, ref)
+
+
 @pytest.mark.parametrize("fused", [None, "norm", "residual", "norm+glu"])
 @pytest.mark.parametrize("acc2d", [False, True])
 def test_the_tuners_problem_and_check(fused, acc2d):
@@ -110,8 +118,8 @@ def test_decode_attention_kernel_matches_reference(kernel_on_cpu, pos, block_s):
     B, H, KV, hd, S, dt = 2, 8, 2, 32, 96, torch.float16
     g = torch.Generator().manual_seed(pos)
     qkv = torch.randn(B, (H + 2 * KV) * hd, generator=g).to(dt)
-    ang = torch.rand(hd // 2, generator=g) * 6
-    cos, sin = torch.cat((ang, ang)).cos().to(dt), torch.cat((ang, ang)).sin().to(dt)
+    ang = torch.rand(S, hd // 2, generator=g) * 6  # RoPE tables (S, hd): the kernel reads row pos
+    cos, sin = torch.cat((ang, ang), -1).cos().to(dt), torch.cat((ang, ang), -1).sin().to(dt)
     kc = torch.randn(B, KV, S, hd, generator=g).to(dt)  # slots past pos hold junk: never read
     vc = torch.randn(B, KV, S, hd, generator=g).to(dt)
     kc2, vc2 = kc.clone(), vc.clone()

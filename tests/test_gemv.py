@@ -61,21 +61,27 @@ def test_tune_needs_a_gpu():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-@pytest.mark.parametrize("prmt,acc2d,glu", [(True, False, True), (True, False, False), (False, True, True),
-                                            (False, False, False)])
-def test_gemv_kernel_compiles_for_hopper(prmt, acc2d, glu):
-    # no GPU needed: Triton compiles to sm_90 machine code with the ptxas it ships (the PRMT variant's inline
-    # assembly is only ever run on a GPU, where gemv.tune checks its result against float64 first)
+@pytest.mark.parametrize("prmt,acc2d,glu,pdl", [(True, False, True, True), (True, False, False, False),
+                                                (False, True, True, False), (False, False, False, True)])
+def test_gemv_kernel_compiles_for_hopper(prmt, acc2d, glu, pdl):
+    # no GPU needed: Triton compiles to sm_90 machine code with the ptxas it ships (the PRMT and PDL variants'
+    # inline assembly is only ever run on a GPU, where gemv.tune checks the result against float64 first)
     import triton
     from triton.backends.compiler import GPUTarget
 
     sig = {"x_ptr": "*bf16", "w_ptr": "*i8", "s_ptr": "*bf16", "g_ptr": "*bf16", "r_ptr": "*bf16", "y_ptr": "*bf16",
            "N": "i32", "K": "i32", "eps": "fp32"}
     consts = {"HAS_SCALE": True, "RMS": glu, "RES": not glu, "GLU": glu, "BITS": True, "ACC2D": acc2d, "PRMT": prmt,
-              "BLOCK_N": 8, "BLOCK_K": 1024, "EVEN": True}
+              "BLOCK_N": 8, "BLOCK_K": 1024, "EVEN": True, "PDL": pdl}
     src = triton.compiler.ASTSource(fn=gemv._gemv_kernel, signature=sig | dict.fromkeys(consts, "constexpr"),
                                     constexprs=consts)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "launch_pdl": pdl})
     ptx = k.asm["ptx"]
     assert ("prmt.b32" in ptx) == prmt and "cvt.rn.f32.s8" not in ptx  # no int-to-float conversion per weight
+    # PDL: the wait comes before the first load (x is the previous kernel's output), the next kernel's launch
+    # is allowed after the main loop
+    assert ("griddepcontrol.wait" in ptx) == pdl and ("griddepcontrol.launch_dependents" in ptx) == pdl
+    if pdl:
+        assert ptx.index("griddepcontrol.wait") < ptx.index("ld.global")
+        assert ptx.index("griddepcontrol.wait") < ptx.index("griddepcontrol.launch_dependents")
     assert len(k.asm["cubin"]) > 1000

@@ -7,7 +7,8 @@ without it; e = the lean model with int8 weights (``--int8``: an Int8Linear impl
 the Triton kernel of labutils.gemv, or "auto": the fastest in a one-matrix kernel test, whose table is
 printed). A lean rung may name its attention and its linear kernel: ``d:sdpa``, ``d:reduce:triton``
 (bf16 weights through the Triton kernel, norms and residuals fused in; ``triton_plain``: not fused),
-``e:reduce:dequant`` (see labutils.lean.ATTN, quant.IMPLS).
+``e:reduce:dequant`` (see labutils.lean.ATTN, quant.IMPLS); a fourth field ``nopdl`` runs the rung with
+no kernel launched by programmatic dependent launch (``e:triton:triton:nopdl``, for an A/B of PDL).
 Layers run by the Triton kernel are tuned per weight shape first (printed; the time is reported apart).
 ``--profile`` lists rungs to profile kernel by kernel after timing them. Prints one table (tok/s,
 MBU, ms/token p50/p99, warm-up, first use = compile) and writes everything as JSON.
@@ -123,7 +124,8 @@ def main(argv=None) -> int:
         stage(f"rung {r}")
         save()
     shared.pop("lean", None)
-    rec["gemv_tables"] = {f"{k[0]}x{k[1]} {k[2]} fused={k[5]}": v for k, v in gemv._TUNED.items()}
+    rec["gemv_tables"] = {f"{k[0]}x{k[1]} {k[2]} fused={k[5]}{'' if k[6] else ' no PDL'}": v
+                          for k, v in gemv._TUNED.items()}
     sweep = [int(b) for b in args.sweep.split(",") if b]
     if sweep and time.perf_counter() - t_start < args.budget_s:
         lean = decode.LeanMistral.from_hf(hf)
@@ -157,41 +159,59 @@ def run_rung(r, rec, hf, prompt, forced, ref, max_len, N, args, comp, bw, peak, 
         chk = decode.check(st, prompt, forced, ref, tol16)
         gen, cost = functools.partial(decode.loop_generate, st), cost16
     else:
-        torch._dynamo.reset()  # each lean variant compiles afresh (no cache-size limit, no dynamic shapes)
-        if "lean" not in shared:
-            with timing.stopwatch(prompt.device) as t:
-                shared["lean"] = decode.LeanMistral.from_hf(hf)
-            rec["lean_build_s"] = t.seconds
-        attn, impl = (var + [""])[0] or "reduce", (var + ["", ""])[1] or (args.int8 if kind == "e" else "")
-        model = quant.copy_structure(shared["lean"])
-        model.attn = attn
-        if kind == "e":
-            model = quant.quantize_int8(model, impl)
-        elif impl in ("triton", "triton_plain"):
-            model = quant.use_gemv(model, fuse=impl == "triton")
-        elif impl:
-            raise ValueError(f"rung {r}: a bf16 rung takes no int8 kernel ({impl!r}); use 'triton', "
-                             "'triton_plain' or nothing")
-        with timing.stopwatch(prompt.device) as t:
-            tuned = gemv.tune_model(model)  # no rows without a GPU or without kernel-run layers
-        if tuned:
-            rec.setdefault("gemv_tuning", {})[r] = {"rows": tuned, "seconds": t.seconds}
-            log(f"rung {r}: Triton kernel tuned for {len(tuned)} weight shapes in {t.seconds:.1f} s")
-            print(plots.table(tuned, floatfmt=".4g"))
-        st = decode.LeanStepper(model, 1, max_len, compile=comp,
-                                options={"triton.cudagraphs": True} if kind == "d0" else None)
-        chk = decode.check(st, prompt, forced, ref, tol16 if kind in ("d", "d0") else tol8)
-        cost = decode.step_cost(args.model, 1, max_len, quant.weight_bytes(model))
-        gen = functools.partial(decode.loop_generate, st)
-    name = NAMES[kind] + (f" [{attn}{', ' + impl if impl else ''}]" if kind in ("d", "d0", "e") else "")
+        if var[2:] not in ([], ["nopdl"]):
+            raise ValueError(f"rung {r}: the fourth field may only be 'nopdl'")
+        pdl, gemv.PDL = gemv.PDL, var[2:] != ["nopdl"]
+        try:
+            return run_lean(r, kind, var, rec, hf, prompt, forced, ref, max_len, N, args, comp, bw, peak, shared)
+        finally:
+            gemv.PDL = pdl
+    name = NAMES[kind]
     run = decode.measure(name, gen, prompt, n, cost, bw, peak, reps=args.reps, warmup=warm)
+    record(r, rec, run, chk, cost)
+
+
+def record(r, rec, run, chk, cost):
     rec["checks"][r] = chk
     rec["runs"][r] = run.row() | {"first_use_s": chk["first_use_s"], "rel_err": chk["rel_err"],
                                   "GB/step": cost.bytes / 1e9, "detail": run.as_dict()}
-    if kind in ("d", "d0", "e"):
-        rec["runs"][r]["graphs"] = dict(torch._dynamo.utils.counters["stats"]).get("unique_graphs", 0)
-    log(f"{name}: {run.tok_s:.1f} tok/s, MBU {100 * run.mbu:.1f}%, p99 {1e3 * run.itl_p99_s:.2f} ms, "
+    log(f"{run.rung}: {run.tok_s:.1f} tok/s, MBU {100 * run.mbu:.1f}%, p99 {1e3 * run.itl_p99_s:.2f} ms, "
         f"first use {chk['first_use_s']:.1f} s, rel err {chk['rel_err']:.2e}")
+
+
+def run_lean(r, kind, var, rec, hf, prompt, forced, ref, max_len, N, args, comp, bw, peak, shared):
+    """A lean rung (d, d0, e): the lean model, its kernels tuned, compiled, checked, timed."""
+    tol16, tol8 = args.tol
+    torch._dynamo.reset()  # each lean variant compiles afresh (no cache-size limit, no dynamic shapes)
+    if "lean" not in shared:
+        with timing.stopwatch(prompt.device) as t:
+            shared["lean"] = decode.LeanMistral.from_hf(hf)
+        rec["lean_build_s"] = t.seconds
+    attn, impl = (var + [""])[0] or "reduce", (var + ["", ""])[1] or (args.int8 if kind == "e" else "")
+    model = quant.copy_structure(shared["lean"])
+    model.attn = attn
+    if kind == "e":
+        model = quant.quantize_int8(model, impl)
+    elif impl in ("triton", "triton_plain"):
+        model = quant.use_gemv(model, fuse=impl == "triton")
+    elif impl:
+        raise ValueError(f"rung {r}: a bf16 rung takes no int8 kernel ({impl!r}); use 'triton', "
+                         "'triton_plain' or nothing")
+    with timing.stopwatch(prompt.device) as t:
+        tuned = gemv.tune_model(model)  # no rows without a GPU or without kernel-run layers
+    if tuned:
+        rec.setdefault("gemv_tuning", {})[r] = {"rows": tuned, "seconds": t.seconds}
+        log(f"rung {r}: Triton kernel tuned for {len(tuned)} weight shapes in {t.seconds:.1f} s")
+        print(plots.table(tuned, floatfmt=".4g"))
+    st = decode.LeanStepper(model, 1, max_len, compile=comp,
+                            options={"triton.cudagraphs": True} if kind == "d0" else None)
+    chk = decode.check(st, prompt, forced, ref, tol16 if kind in ("d", "d0") else tol8)
+    cost = decode.step_cost(args.model, 1, max_len, quant.weight_bytes(model))
+    gen = functools.partial(decode.loop_generate, st)
+    name = NAMES[kind] + f" [{attn}{', ' + impl if impl else ''}{'' if gemv.PDL else ', no PDL'}]"
+    run = decode.measure(name, gen, prompt, N, cost, bw, peak, reps=args.reps, warmup=1)
+    record(r, rec, run, chk, cost)
+    rec["runs"][r]["graphs"] = dict(torch._dynamo.utils.counters["stats"]).get("unique_graphs", 0)
     if r in args.profile.split(",") and kind in ("d", "e"):
         rec.setdefault("profiles", {})[r] = prof = kernel_profile(st, model, prompt, max_len, comp)
         shared["profiles"] = shared.get("profiles", []) + [(r, prof)]
