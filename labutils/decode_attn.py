@@ -83,7 +83,7 @@ if triton is not None:
         H = qkv.shape[-1] // HD - 2 * KV
         y, pdl = qkv.new_empty((B, H * HD)), pdl_ok(qkv)
         _attn_kernel[(B, KV)](qkv, cos, sin, pos, k_cache, v_cache, y, S, HD ** -0.5, H=H, KV=KV, G=H // KV,
-                              HD=HD, BLOCK_S=block_s, PDL=pdl, num_warps=4, launch_pdl=pdl)
+                              HD=HD, BLOCK_S=block_s, PDL=pdl, num_warps=4, launch_pdl=pdl, enable_fp_fusion=True)
         return y
 
     @_attn_op.register_fake

@@ -257,7 +257,8 @@ if triton is not None:
                            y if residual is None else residual, y, N, K, eps, HAS_SCALE=scale is not None,
                            RMS=norm is not None, RES=residual is not None, GLU=glu, BITS=cfg.bits,
                            ACC2D=cfg.acc2d, PRMT=cfg.prmt, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN=even,
-                           PDL=cfg.pdl, num_warps=cfg.warps, num_stages=cfg.stages, launch_pdl=cfg.pdl)
+                           PDL=cfg.pdl, num_warps=cfg.warps, num_stages=cfg.stages, launch_pdl=cfg.pdl,
+                           enable_fp_fusion=True)  # multiply-adds as FFMA (said here: Triton 3.10 turns it off)
         return y
 
     # An opaque custom op: torch.compile calls it as it is (in its CUDA graph) and fuses nothing into it.

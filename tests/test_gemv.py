@@ -75,9 +75,11 @@ def test_gemv_kernel_compiles_for_hopper(prmt, acc2d, glu, pdl):
               "BLOCK_N": 8, "BLOCK_K": 1024, "EVEN": True, "PDL": pdl}
     src = triton.compiler.ASTSource(fn=gemv._gemv_kernel, signature=sig | dict.fromkeys(consts, "constexpr"),
                                     constexprs=consts)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "launch_pdl": pdl})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "launch_pdl": pdl,
+                                                                        "enable_fp_fusion": True})
     ptx = k.asm["ptx"]
     assert ("prmt.b32" in ptx) == prmt and "cvt.rn.f32.s8" not in ptx  # no int-to-float conversion per weight
+    assert "fma.rn.f32" in ptx  # each weight's multiply and add are one instruction (as gemv._launch asks)
     # PDL: the wait comes before the first load (x is the previous kernel's output), the next kernel's launch
     # is allowed after the main loop
     assert ("griddepcontrol.wait" in ptx) == pdl and ("griddepcontrol.launch_dependents" in ptx) == pdl
