@@ -137,7 +137,7 @@ class _Block(nn.Module):
 class LeanMistral(nn.Module):
     """``forward(idx (B, T), pos (T,))`` -> logits (B, T, vocab); K,V written into the preallocated cache."""
 
-    #: what ``apply`` hands each linear layer besides its input; a kernel layer fuses it (gemv.tune_model)
+    #: what ``apply`` hands each linear layer besides its input; a kernel layer fuses it (gemv_tune.tune_model)
     FUSED_WITH = {"wqkv": "norm", "wo": "residual", "w13": "norm+glu", "w2": "residual", "output": "norm"}
 
     def __init__(self, c: LeanConfig, attn: str = "reduce"):

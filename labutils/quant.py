@@ -9,8 +9,8 @@ output channel: ``w ~= q * scale``, ``q`` in [-127, 127], every weight off by at
 - ``"triton"`` (default): at batch 1 on a GPU, the hand-written Triton kernel of ``labutils.gemv``,
   which reads the int8 weight once and converts it in registers, as its own kernel in the compiled
   graph, and also does the RMSNorm before the layer, the residual add after it and SiLU(gate) x up
-  (``lean.apply``); its block shape tuned per matrix (``gemv.tune_model``). Elsewhere, and for a prefill's many rows,
-  the same maths in plain torch (``gemv.reference``: dequantize, then matmul).
+  (``lean.apply``); its block shape tuned per matrix (``gemv_tune.tune_model``). Elsewhere, and for a
+  prefill's many rows, the same maths in plain torch (``gemv.reference``: dequantize, then matmul).
 - ``"triton_plain"``: the same kernel without those fusions (the lean model then runs them as Inductor's
   kernels around it): what the fusion is worth.
 
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import gemv
+from . import gemv, gemv_tune
 from .lean import LeanConfig, LeanMistral  # noqa: F401 - re-exported: the lean model lived here first
 
 # ---------------------------------------------------------------- int8 weight-only
@@ -70,7 +70,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", scale.to(dtype))
         self.fuse = impl == "triton"  # lean.apply hands this layer its norm and residual
         if impl.startswith("triton"):
-            self.cfg = astuple(gemv.DEFAULT)  # the kernel's block shape: gemv.tune_model sets the tuned one
+            self.cfg = astuple(gemv.DEFAULT)  # the kernel's block shape: gemv_tune.tune_model sets the tuned one
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, impl: str = "triton") -> Int8Linear:
@@ -114,7 +114,7 @@ def copy_structure(module: nn.Module, leaf=lambda m: None) -> nn.Module:
 
 def quantize_int8(model: nn.Module, impl: str = "triton") -> nn.Module:
     """A copy of ``model`` with every ``nn.Linear`` as ``Int8Linear``; all other tensors are shared.
-    For the "triton" impls on a GPU, call ``gemv.tune_model`` on the copy next (else the layers keep the
+    For the "triton" impls on a GPU, call ``gemv_tune.tune_model`` on the copy next (else the layers keep the
     default block shape)."""
     return copy_structure(model, lambda m: Int8Linear.from_linear(m, impl) if isinstance(m, nn.Linear) else None)
 
@@ -154,7 +154,7 @@ def kernel_bench(n: int, k: int, dtype=torch.bfloat16, device=None, compile: boo
         f"int8 {i}": Int8Linear.from_linear(lin, i) for i in IMPLS}
     rows = []
     for name, mod in variants.items():
-        gemv.tune_model(mod)  # the kernel-run variants get their tuned block shape (others: no rows, no-op)
+        gemv_tune.tune_model(mod)  # the kernel-run variants get their tuned block shape (others: no rows, no-op)
         w = dequantize(mod.weight, mod.scales) if isinstance(mod, Int8Linear) else mod.weight
         ref = x.double() @ w.double().T
         fn = torch.compile(mod, options=options or {"coordinate_descent_tuning": True}) if compile else mod

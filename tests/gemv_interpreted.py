@@ -9,7 +9,7 @@ import torch
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_gemv.py (it sets TRITON_INTERPRET=1)"
 
-from labutils import decode, gemv, quant  # noqa: E402
+from labutils import decode, gemv, gemv_tune, quant  # noqa: E402
 
 TOL16 = 1e-2  # bf16 outputs: rounding of the last cast only (~4e-3)
 
@@ -32,7 +32,7 @@ def problem(n, k, m=1, int8=True, seed=0):
 @pytest.mark.parametrize("n,k,bn,bk,m", [(64, 256, 4, 128, 1), (70, 200, 8, 64, 2), (32, 512, 16, 512, 1)])
 def test_kernel_matches_float64(int8, bits, acc2d, n, k, bn, bk, m):
     x, w, s, ref = problem(n, k, m, int8)
-    err = gemv.rel_err_of(gemv.Config(bn, bk, 4, 1, bits, acc2d), x, w, s, ref)  # output poisoned with NaN first
+    err = gemv_tune.rel_err_of(gemv.Config(bn, bk, 4, 1, bits, acc2d), x, w, s, ref)  # output poisoned with NaN first
     assert err < TOL16  # NaN (an element not written) fails too
 
 
@@ -42,9 +42,9 @@ def test_fused_norm_and_residual_match_reference():
     r = torch.randn(1, 48, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     ref = gemv.reference(x.double(), w.double(), s.double(), g.double(), 1e-5, r.double())
     for cfg in (gemv.Config(8, 128, 4, 1, True), gemv.Config(16, 64, 4, 1, False)):  # ragged K: masked loads
-        assert gemv.rel_err_of(cfg, x, w, s, ref, norm=g, eps=1e-5, residual=r) < TOL16
+        assert gemv_tune.rel_err_of(cfg, x, w, s, ref, norm=g, eps=1e-5, residual=r) < TOL16
     wrong = gemv.reference(x.double(), w.double(), s.double(), None, 0.0, r.double())  # norm left out
-    assert gemv.rel_err_of(gemv.DEFAULT, x, w, s, wrong, norm=g, eps=1e-5, residual=r) > 0.1
+    assert gemv_tune.rel_err_of(gemv.DEFAULT, x, w, s, wrong, norm=g, eps=1e-5, residual=r) > 0.1
 
 
 @pytest.mark.parametrize("opt", [{"pdl": True}, {"prmt": True}])
@@ -52,20 +52,20 @@ def test_gpu_only_options_are_refused_here(opt):
     # PDL and PRMT are inline PTX for a GPU: on a CPU tensor the launch says so instead of failing inside
     x, w, s, ref = problem(64, 256, 1, True)
     with pytest.raises(ValueError, match=next(iter(opt))):
-        gemv.rel_err_of(gemv.Config(8, 128, 4, 1, True, **opt), x, w, s, ref)
+        gemv_tune.rel_err_of(gemv.Config(8, 128, 4, 1, True, **opt), x, w, s, ref)
 
 
 @pytest.mark.parametrize("fused", [None, "norm", "residual", "norm+glu"])
 @pytest.mark.parametrize("acc2d", [False, True])
 def test_the_tuners_problem_and_check(fused, acc2d):
-    # what gemv.tune checks every candidate config against before timing it (tune itself needs a GPU)
-    x, w, s, kw, ref = gemv._problem(48, 256, torch.int8, torch.bfloat16, torch.device("cpu"), fused)
+    # what gemv_tune.tune checks every candidate config against before timing it (tune itself needs a GPU)
+    x, w, s, kw, ref = gemv_tune._problem(48, 256, torch.int8, torch.bfloat16, torch.device("cpu"), fused)
     assert set(kw) == {None: set(), "norm": {"norm", "eps"}, "residual": {"residual"},
                        "norm+glu": {"norm", "eps", "glu"}}[fused]
     cfg = gemv.Config(8, 128, 4, 1, True, acc2d)
-    assert gemv.rel_err_of(cfg, x, w, s, ref, **kw) < TOL16
+    assert gemv_tune.rel_err_of(cfg, x, w, s, ref, **kw) < TOL16
     if kw and "glu" not in kw:  # the same launch without the fused part computes something else
-        assert gemv.rel_err_of(cfg, x, w, s, ref) > 0.05
+        assert gemv_tune.rel_err_of(cfg, x, w, s, ref) > 0.05
     if "glu" in kw:
         assert ref.shape == (1, 24)  # gate and up rows in, silu(gate) * up out
 

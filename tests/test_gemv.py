@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from labutils import decode, gemv, lean, quant
+from labutils import decode, gemv, gemv_tune, lean, quant
 
 HERE = Path(__file__).parent
 
@@ -52,12 +52,12 @@ def test_kernel_layers_on_cpu_are_the_plain_model():
     q8 = decode.teacher_forced(decode.LeanStepper(quant.quantize_int8(base, "dequant"), 2, 16), prompt, forced)
     got = decode.teacher_forced(decode.LeanStepper(quant.quantize_int8(base, "triton"), 2, 16), prompt, forced)
     assert decode.rel_err(got, q8) < 1e-6
-    assert gemv.tune_model(quant.quantize_int8(base, "triton")) == []  # nothing on a GPU: nothing to tune
+    assert gemv_tune.tune_model(quant.quantize_int8(base, "triton")) == []  # nothing on a GPU: nothing to tune
 
 
 def test_tune_needs_a_gpu():
     with pytest.raises(RuntimeError, match="CUDA GPU"):
-        gemv.tune(64, 64, device="cpu")
+        gemv_tune.tune(64, 64, device="cpu")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
@@ -65,7 +65,7 @@ def test_tune_needs_a_gpu():
                                                 (False, True, True, False), (False, False, False, True)])
 def test_gemv_kernel_compiles_for_hopper(prmt, acc2d, glu, pdl):
     # no GPU needed: Triton compiles to sm_90 machine code with the ptxas it ships (the PRMT and PDL variants'
-    # inline assembly is only ever run on a GPU, where gemv.tune checks the result against float64 first)
+    # inline assembly is only ever run on a GPU, where gemv_tune.tune checks the result against float64 first)
     import triton
     from triton.backends.compiler import GPUTarget
 

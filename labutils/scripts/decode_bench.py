@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from labutils import decode, gemv, hardware, models, plots, quant, results, roofline, timing
+from labutils import decode, gemv, gemv_tune, hardware, models, plots, quant, results, roofline, timing
 from labutils import profile as _profile
 
 RUNGS = ("a", "b", "c", "d", "e", "d0")
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
         save()
     shared.pop("lean", None)
     rec["gemv_tables"] = {f"{k[0]}x{k[1]} {k[2]} fused={k[5]}{'' if k[6] else ' no PDL'}": v
-                          for k, v in gemv._TUNED.items()}
+                          for k, v in gemv_tune._TUNED.items()}
     sweep = [int(b) for b in args.sweep.split(",") if b]
     if sweep and time.perf_counter() - t_start < args.budget_s:
         lean = decode.LeanMistral.from_hf(hf)
@@ -198,7 +198,7 @@ def run_lean(r, kind, var, rec, hf, prompt, forced, ref, max_len, N, args, comp,
         raise ValueError(f"rung {r}: a bf16 rung takes no int8 kernel ({impl!r}); use 'triton', "
                          "'triton_plain' or nothing")
     with timing.stopwatch(prompt.device) as t:
-        tuned = gemv.tune_model(model)  # no rows without a GPU or without kernel-run layers
+        tuned = gemv_tune.tune_model(model)  # no rows without a GPU or without kernel-run layers
     if tuned:
         rec.setdefault("gemv_tuning", {})[r] = {"rows": tuned, "seconds": t.seconds}
         log(f"rung {r}: Triton kernel tuned for {len(tuned)} weight shapes in {t.seconds:.1f} s")
