@@ -33,8 +33,6 @@ CONFIGS = tuple(gemv.Config(*c, True, False) for c in (
     (4, 1024, 4, 1), (4, 2048, 4, 1), (8, 1024, 4, 1), (8, 2048, 8, 1), (16, 1024, 8, 1), (16, 2048, 8, 1),
     (32, 512, 8, 1), (32, 256, 4, 2),
 ))
-#: ``tune`` also times these variants of its few fastest candidates (on a GPU that has PDL: ``pdl_ok``).
-VARIANTS = ({"pdl": True},)
 _TUNED: dict[tuple, list[dict]] = {}  # (n, k, weight dtype, x dtype, GPU index, fused, PDL) -> tune()'s table
 
 
@@ -74,8 +72,9 @@ def _problem(n: int, k: int, wdtype, xdtype, dev, fused: str | None):
 
 def tune(n: int, k: int, wdtype=torch.int8, xdtype=torch.bfloat16, device=None, fused: str | None = None,
          configs=CONFIGS, tol: float = 1e-2, max_time_s: float = 0.2, variants_of: int = 2) -> list[dict]:
-    """Time every candidate config for an (n x k) weight at M = 1 on this GPU, with the norm or the residual
-    fused in as the layer will use it (``fused``: None, "norm" or "residual"); remember the table.
+    """Time every candidate config for an (n x k) weight at M = 1 on this GPU, with what the layer fuses in
+    (``fused``: None, "norm", "residual" or "norm+glu"); then, on a GPU with PDL (``gemv.pdl_ok``), the
+    ``variants_of`` fastest again with ``pdl=True``. Remember the table.
 
     Each candidate is first checked against the float64 result. Timing: ``labutils.timing``, over a
     CUDA graph of one call per weight copy, with enough copies to fill 3x the L2 (as in the model, where
@@ -83,7 +82,7 @@ def tune(n: int, k: int, wdtype=torch.int8, xdtype=torch.bfloat16, device=None, 
     """
     dev = torch.device(device or "cuda")
     if gemv.triton is None or dev.type != "cuda":
-        raise RuntimeError("gemv.tune needs a CUDA GPU and triton; on a CPU the layers use the plain path")
+        raise RuntimeError("gemv_tune.tune needs a CUDA GPU and triton; on a CPU the layers use the plain path")
     dev = torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
     x, w0, scale, kw, ref = _problem(n, k, wdtype, xdtype, dev, fused)
     wbytes = w0.numel() * w0.element_size()
@@ -109,9 +108,8 @@ def tune(n: int, k: int, wdtype=torch.int8, xdtype=torch.bfloat16, device=None, 
     for cfg in configs:
         run(cfg)
     best = [r["config"] for r in sorted((r for r in rows if "us" in r), key=lambda r: r["us"])[:variants_of]]
-    for cfg in best:  # PDL: on the few fastest shapes only (it changes the start and the end, not the loop)
-        for v in VARIANTS if gemv.pdl_ok(x) else ():
-            run(replace(cfg, **v))
+    for cfg in best if gemv.pdl_ok(x) else ():  # PDL changes a kernel's start and end, not its loop
+        run(replace(cfg, pdl=True))
     ok = sorted((r for r in rows if "us" in r), key=lambda r: r["us"])
     if not ok:
         raise RuntimeError(f"no gemv config ran for {n}x{k}: {rows[0].get('error')}")
@@ -123,7 +121,7 @@ def tune_model(model: torch.nn.Module, **kw) -> list[dict]:
     """``tune`` every distinct weight (shape, dtype, fusion) of the kernel-run layers of ``model`` (those
     with a ``cfg``: ``Linear`` and ``quant.Int8Linear`` "triton"), and set each layer's ``cfg`` to the winner.
     Which layer gets the norm or the residual fused in is read from ``model.FUSED_WITH`` (layer name ->
-    "norm" | "residual", as ``lean.LeanMistral`` declares it). A case already tuned in this process is not
+    "norm" | "residual" | "norm+glu", as ``lean.LeanMistral`` declares it). A case already tuned in this process is not
     timed again. -> one row per case: its best config, its time (median; spread = (p80 - p20) / median), the
     runner-up's time. No GPU: no rows."""
     rows, done, roles = [], {}, getattr(model, "FUSED_WITH", {})
