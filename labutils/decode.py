@@ -3,7 +3,7 @@
 - Cost model: bytes and FLOPs of one decode step (``step_cost``), MBU/MFU, $/1M tokens.
 - Steppers: ``prefill(ids)`` and ``step(token, pos)`` -> logits, what every rung of the ladder does:
   ``HFStepper`` (HF model, dynamic or static cache, optionally compiled) and ``LeanStepper`` (the
-  lean model of ``labutils.lean``, compiled with CUDA graphs on a GPU, gpt-fast's recipe).
+  lean model, ``lean.LeanMistral``, compiled with CUDA graphs on a GPU, gpt-fast's recipe).
 - ``loop_generate`` / ``hf_generate`` with a ``TokenClock``; ``measure`` -> ``DecodeRun``; ``check``:
   teacher-forced logits vs the HF model's (random weights make greedy tokens flip on near-ties).
 - ``profile_decode`` (device-busy vs wall time) and ``batch_sweep`` (memory -> compute bound).
@@ -18,10 +18,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from . import models, quant, roofline, timing
-from .lean import LeanMistral  # noqa: F401 - the notebook's entry points
-from .quant import quantize_int8  # noqa: F401
-from .timing import TokenClock, rel_err  # noqa: F401 - re-exported: used as decode.rel_err
+from . import lean, models, quant, roofline, timing
 
 
 # ---------------------------------------------------------------- cost model
@@ -58,7 +55,7 @@ class LeanStepper:
     a second model compiled in the same process then recompiles with static shapes too, instead of
     possibly being generalised to dynamic shapes (torch.compile's automatic dynamic on a recompile)."""
 
-    def __init__(self, model: LeanMistral, batch: int, max_len: int, compile: bool = False, options=None):
+    def __init__(self, model: lean.LeanMistral, batch: int, max_len: int, compile: bool = False, options=None):
         self.model, self.compiled = model.setup_cache(batch, max_len), compile
         opts = FAST_OPTIONS if options is None else options
         self.fn = torch.compile(model, fullgraph=True, dynamic=False, options=opts) if compile else model
@@ -104,7 +101,7 @@ class HFStepper:
 
 
 # ---------------------------------------------------------------- generation with a token clock
-def loop_generate(stepper, prompt, new_tokens: int, clock: TokenClock | None = None):
+def loop_generate(stepper, prompt, new_tokens: int, clock: timing.TokenClock | None = None):
     """Greedy: prefill, then ``new_tokens - 1`` steps; the next token never leaves the device. -> (B, new_tokens)"""
     P = prompt.shape[1]
     pos = torch.arange(P, P + new_tokens, device=prompt.device)
@@ -117,7 +114,7 @@ def loop_generate(stepper, prompt, new_tokens: int, clock: TokenClock | None = N
     return torch.cat(out, 1)
 
 
-def hf_generate(model, prompt, new_tokens: int, clock: TokenClock | None = None, static: bool = False,
+def hf_generate(model, prompt, new_tokens: int, clock: timing.TokenClock | None = None, static: bool = False,
                 compile: bool = False):
     """``model.generate`` greedy, exactly ``new_tokens`` new tokens; a streamer marks the clock at each.
     ``static``: a StaticCache; on a GPU transformers then compiles the forward itself unless ``compile=False``."""
@@ -185,7 +182,7 @@ class DecodeRun:
 def measure(rung: str, generate, prompt, new_tokens: int, cost: roofline.Cost, read_Bps: float, peak_flops: float,
             reps: int = 3, warmup: int = 1, note: str = "") -> DecodeRun:
     """``generate(prompt, new_tokens, clock)``: a first call (timed apart), ``warmup`` more, ``reps`` timed runs."""
-    clock, runs = TokenClock(prompt.device), []
+    clock, runs = timing.TokenClock(prompt.device), []
 
     def once():
         clock.start()
@@ -228,7 +225,7 @@ def check(stepper, prompt, forced, ref, tol: float) -> dict:
     """Relative error of the stepper's teacher-forced logits vs ``ref``; raises above ``tol``.
     Timed with a stopwatch: on a compiled stepper this first use holds the compilation."""
     with timing.stopwatch(prompt.device) as t:
-        err = rel_err(teacher_forced(stepper, prompt, forced), ref)
+        err = timing.rel_err(teacher_forced(stepper, prompt, forced), ref)
     if not err <= tol:  # also catches NaN
         raise RuntimeError(f"logits differ from the reference by {err:.2e} (relative) > tolerance {tol:.0e}")
     return {"rel_err": err, "tol": tol, "steps": forced.shape[1], "first_use_s": t.seconds}
@@ -275,7 +272,7 @@ def profile_decode(stepper, prompt, steps: int = 5, top: int = 8) -> dict:
 
 # ---------------------------------------------------------------- batch sweep
 @torch.no_grad()
-def batch_sweep(model: LeanMistral, name: str, batches, context: int, read_Bps: float, peak_flops: float,
+def batch_sweep(model: lean.LeanMistral, name: str, batches, context: int, read_Bps: float, peak_flops: float,
                 graphs: bool | None = None, max_time_s: float = 1.0) -> list[dict]:
     """One decode step at each batch size over a ``context``-token KV cache (random K,V, never zeros).
 
@@ -294,7 +291,7 @@ def batch_sweep(model: LeanMistral, name: str, batches, context: int, read_Bps: 
         ref = m(tok, pos).float()
         fwd = lambda m=m, tok=tok, pos=pos: m(tok, pos)  # noqa: E731
         g = timing.graphed(fwd, dev) if graphs else timing.Graphed(fwd, fwd, False, "eager")
-        err = rel_err(g.check().float(), ref)  # a graph's output is poisoned first, then replayed
+        err = timing.rel_err(g.check().float(), ref)  # a graph's output is poisoned first, then replayed
         t = timing.benchmark(g.run, device=dev, warmup=2, reps=30, max_time_s=max_time_s)
         c = step_cost(name, b, S, wbytes)
         rows.append({"batch": b, "step_ms": 1e3 * t.median_s, "tok_s": b / t.median_s,

@@ -15,9 +15,9 @@ Attention (``LeanMistral.attn``; the prefill, T > 1, always takes SDPA with the 
   own small fused Triton kernels instead of calling an attention library kernel. Eagerly the same
   maths runs as two matmuls.
 - ``"triton"``: at T = 1 on a GPU, RoPE, the cache write and the attention in ONE hand-written Triton
-  kernel (``labutils.decode_attn``); elsewhere the ``"reduce"`` maths.
+  kernel (``kernels.decode_attn``); elsewhere the ``"reduce"`` maths.
 
-Used in lab4 §Lean decode loop and §Int8 weight-only (through ``labutils.decode``).
+The shared maths (RMSNorm, RoPE, SiLU-GLU) is ``labutils.ops``. Used in lab4 §Rung d, §Rung d′ and §Rung e.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import decode_attn
+from . import ops
+from .kernels import _triton, decode_attn
 
 ATTN = ("reduce", "triton", "sdpa", "sdpa_bool", "sdpa_gqa")
 
@@ -53,28 +54,17 @@ class LeanConfig:
                    c.intermediate_size, c.vocab_size, c.rms_norm_eps, float(theta))
 
 
-def rms_norm(x, w, eps):
-    h = x.float()
-    return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
 def apply(layer: nn.Module, x, norm=None, eps: float = 0.0, residual=None, glu: bool = False):
-    """``residual + layer(rms_norm(x, norm, eps))``, each part where given; ``glu``: the output's two halves
-    (gate, up) become ``silu(gate) * up``. A layer with ``fuse`` set (the Triton-kernel layers of
-    ``labutils.gemv`` / ``quant``) is handed all of it to do inside its own kernel; any other layer gets it
+    """``residual + layer(ops.rms_norm(x, norm, eps))``, each part where given; ``glu``: the output's two halves
+    (gate, up) become ``silu(gate) * up`` (``ops.silu_glu``). A layer with ``fuse`` set (the Triton-kernel layers
+    of ``kernels.gemv`` / ``quant``) is handed all of it to do inside its own kernel; any other layer gets it
     done around it, here."""
     if getattr(layer, "fuse", False):
         return layer(x, norm=norm, eps=eps, residual=residual, glu=glu)
-    y = layer(x if norm is None else rms_norm(x, norm, eps))
+    y = layer(x if norm is None else ops.rms_norm(x, norm, eps))
     if glu:
-        gate, up = y.chunk(2, dim=-1)
-        y = F.silu(gate) * up
+        y = ops.silu_glu(y)
     return y if residual is None else residual + y
-
-
-def _rope(x, cos, sin):  # x (B, heads, T, hd); cos, sin (T, hd); the halves convention of HF Mistral
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 def attend_one(q, k, v, keep):
@@ -113,11 +103,11 @@ class _Block(nn.Module):
         ``pos``, ``rope``: the whole tables (the decode kernel reads its row itself)."""
         (B, T, _), H, KV, hd = x.shape, self.c.n_heads, self.c.n_kv_heads, self.c.head_dim
         qkv = apply(self.wqkv, x, self.attn_norm, self.c.eps)
-        if attn == "triton" and T == 1 and decode_attn.available(qkv):  # RoPE, cache write, attention: 1 kernel
+        if attn == "triton" and T == 1 and _triton.available(qkv):  # RoPE, cache write, attention: 1 kernel
             return decode_attn.attend(qkv.view(B, -1), *rope, pos, self.k_cache, self.v_cache).view(B, 1, -1)
         q, k, v = qkv.split([H * hd, KV * hd, KV * hd], dim=-1)
-        q = _rope(q.view(B, T, H, hd).transpose(1, 2), cos, sin)
-        self.k_cache.index_copy_(2, pos, _rope(k.view(B, T, KV, hd).transpose(1, 2), cos, sin))
+        q = ops.rope(q.view(B, T, H, hd).transpose(1, 2), cos, sin)
+        self.k_cache.index_copy_(2, pos, ops.rope(k.view(B, T, KV, hd).transpose(1, 2), cos, sin))
         self.v_cache.index_copy_(2, pos, v.view(B, T, KV, hd).transpose(1, 2))
         g = H // KV  # GQA: g query heads per KV head
         if attn in ("reduce", "triton") and T == 1:  # "triton" without a GPU: the same maths, eagerly

@@ -1,12 +1,12 @@
-"""Int8 weight-only copies of a model (lab4's rung e); the lean Mistral itself is in ``labutils.lean``
-(re-exported here as ``LeanMistral``).
+"""Int8 weight-only copies of a model (lab4's rung e), and the weight-sharing copies that swap a model's
+linear layers (``copy_structure``, ``use_gemv``); the lean Mistral itself is ``labutils.lean``.
 
 Int8 weight-only: decode at batch 1 reads every weight once per token, so int8 weights halve
-the bytes -- if the kernel really reads int8. ``quantize_per_channel`` keeps one scale per
+the bytes -- if the kernel really reads int8. ``ops.quantize_per_channel`` keeps one scale per
 output channel: ``w ~= q * scale``, ``q`` in [-127, 127], every weight off by at most
 ``scale / 2``. ``Int8Linear`` computes ``x @ (q * scale).T`` in one of these ways:
 
-- ``"triton"`` (default): at batch 1 on a GPU, the hand-written Triton kernel of ``labutils.gemv``,
+- ``"triton"`` (default): at batch 1 on a GPU, the hand-written Triton kernel of ``kernels.gemv``,
   which reads the int8 weight once and converts it in registers, as its own kernel in the compiled
   graph, and also does the RMSNorm before the layer, the residual add after it and SiLU(gate) x up
   (``lean.apply``); its block shape tuned per matrix (``gemv_tune.tune_model``). Elsewhere, and for a
@@ -26,7 +26,7 @@ output channel: ``w ~= q * scale``, ``q`` in [-127, 127], every weight off by at
 
 ``kernel_bench`` times one matrix-vector product per variant, so the fastest is picked on facts.
 
-Used in lab4 §Lean decode loop and §Int8 weight-only (through ``labutils.decode``).
+Used in lab4 §Rung d′, §Which int8 kernel really reads int8? and §Rung e.
 """
 
 from __future__ import annotations
@@ -38,23 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import gemv, gemv_tune
-from .lean import LeanConfig, LeanMistral  # noqa: F401 - re-exported: the lean model lived here first
+from . import hardware, ops, timing
+from .kernels import gemv, gemv_tune
 
 # ---------------------------------------------------------------- int8 weight-only
 IMPLS = ("triton", "triton_plain", "dequant", "dequant_fp32", "dequant_bits", "int8pack")
-
-
-def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per output channel: (q int8 of w's shape, scale float32 per row)."""
-    wf = w.detach().float()
-    scale = wf.abs().amax(dim=1).clamp(min=1e-12) / 127
-    q = torch.round(wf / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    return q, scale
-
-
-def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return q.float() * scale.float()[:, None]
 
 
 class Int8Linear(nn.Module):
@@ -76,7 +64,7 @@ class Int8Linear(nn.Module):
     def from_linear(cls, lin: nn.Linear, impl: str = "triton") -> Int8Linear:
         if lin.bias is not None:
             raise ValueError("Int8Linear has no bias: Mistral's linear layers have none")
-        q, s = quantize_per_channel(lin.weight)
+        q, s = ops.quantize_per_channel(lin.weight)
         return cls(q, s, lin.weight.dtype, impl)
 
     def forward(self, x: torch.Tensor, norm=None, eps: float = 0.0, residual=None, glu: bool = False):
@@ -144,8 +132,6 @@ def kernel_bench(n: int, k: int, dtype=torch.bfloat16, device=None, compile: boo
     ``calls`` back-to-back calls captured in one CUDA graph (no launch gaps); ``compile``: each through
     torch.compile with ``options`` (default: coordinate-descent tuning). GB/s = weight bytes / time.
     """
-    from . import decode, hardware, timing
-
     dev = torch.device(device) if device is not None else hardware.default_device()
     lin = nn.Linear(k, n, bias=False, device=dev, dtype=dtype)
     x = torch.randn(1, k, device=dev, dtype=dtype)
@@ -155,11 +141,11 @@ def kernel_bench(n: int, k: int, dtype=torch.bfloat16, device=None, compile: boo
     rows = []
     for name, mod in variants.items():
         gemv_tune.tune_model(mod)  # the kernel-run variants get their tuned block shape (others: no rows, no-op)
-        w = dequantize(mod.weight, mod.scales) if isinstance(mod, Int8Linear) else mod.weight
+        w = ops.dequantize(mod.weight, mod.scales) if isinstance(mod, Int8Linear) else mod.weight
         ref = x.double() @ w.double().T
         fn = torch.compile(mod, options=options or {"coordinate_descent_tuning": True}) if compile else mod
         try:
-            err = decode.rel_err(fn(x), ref)
+            err = timing.rel_err(fn(x), ref)
             one = lambda fn=fn: fn(x)  # noqa: E731
             run = timing.graphed(lambda one=one: [one() for _ in range(calls)], dev).run if dev.type == "cuda" else one
             t = timing.benchmark(run, device=dev, warmup=2, reps=30, max_time_s=1.0)

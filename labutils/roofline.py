@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import models
-from .timing import rel_err  # noqa: F401 - re-exported: used as roofline.rel_err
+from . import models, timing
 
 #: bytes per element as stored in memory (tf32 is an fp32 tensor computed on tensor cores)
 DTYPE_BYTES = {"float32": 4, "tf32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1}
@@ -339,7 +338,7 @@ def components(model, batch: int, context: int) -> dict[str, tuple]:
                 return fn()
         return run
 
-    return {g: (no_grad(fn), rel_err(no_grad(fn)(), no_grad(ref)()), n) for g, (fn, ref, n) in parts.items()}
+    return {g: (no_grad(fn), timing.rel_err(no_grad(fn)(), no_grad(ref)()), n) for g, (fn, ref, n) in parts.items()}
 
 
 def count_ops(fn) -> int:

@@ -1,4 +1,4 @@
-"""The Triton kernel of labutils.gemv run by Triton's interpreter on the CPU (TRITON_INTERPRET=1 must be
+"""The Triton kernels of labutils.kernels run by Triton's interpreter on the CPU (TRITON_INTERPRET=1 must be
 set before triton is imported, so tests/test_gemv.py runs this file in a fresh process). Not collected on
 its own: its name does not start with test_."""
 
@@ -9,7 +9,8 @@ import torch
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_gemv.py (it sets TRITON_INTERPRET=1)"
 
-from labutils import decode, gemv, gemv_tune, quant  # noqa: E402
+from labutils import decode, lean, ops, quant, timing  # noqa: E402
+from labutils.kernels import _triton, decode_attn, gemv, gemv_tune  # noqa: E402
 
 TOL16 = 1e-2  # bf16 outputs: rounding of the last cast only (~4e-3)
 
@@ -21,7 +22,7 @@ def problem(n, k, m=1, int8=True, seed=0):
     if not int8:
         w = w.to(torch.bfloat16)
         return x, w, None, x.double() @ w.double().T
-    q, s = quant.quantize_per_channel(w)
+    q, s = ops.quantize_per_channel(w)
     q[0, :4] = torch.tensor([-128, 127, 0, -1], dtype=torch.int8)  # the extremes of the byte
     s = s.to(torch.bfloat16)
     return x, q, s, x.double() @ (q.double() * s.double()[:, None]).T
@@ -72,7 +73,7 @@ def test_the_tuners_problem_and_check(fused, acc2d):
 
 @pytest.fixture
 def kernel_on_cpu(monkeypatch):
-    monkeypatch.setattr(gemv, "available", lambda x: True)  # the interpreter runs it on CPU tensors
+    monkeypatch.setattr(_triton, "available", lambda x: True)  # the interpreter runs it on CPU tensors
 
 
 def tiny_lean():
@@ -82,18 +83,18 @@ def tiny_lean():
     cfg = MistralConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=64, sliding_window=None,
                         tie_word_embeddings=False)
-    return decode.LeanMistral.from_hf(MistralForCausalLM(cfg).eval())
+    return lean.LeanMistral.from_hf(MistralForCausalLM(cfg).eval())
 
 
 @pytest.mark.parametrize("impl", ["triton", "triton_plain"])
 def test_lean_int8_through_the_kernel_matches_plain_int8(kernel_on_cpu, impl):
-    lean = tiny_lean()
+    lm = tiny_lean()
     prompt, forced = torch.randint(3, 256, (1, 5)), torch.randint(3, 256, (1, 4))
-    plain = decode.teacher_forced(decode.LeanStepper(quant.quantize_int8(lean, "dequant"), 1, 16), prompt, forced)
-    q = quant.quantize_int8(lean, impl)
+    plain = decode.teacher_forced(decode.LeanStepper(quant.quantize_int8(lm, "dequant"), 1, 16), prompt, forced)
+    q = quant.quantize_int8(lm, impl)
     assert q.layers[0].w13.fuse == (impl == "triton")
     got = decode.teacher_forced(decode.LeanStepper(q, 1, 16), prompt, forced)  # decode steps: M = 1, kernel
-    assert decode.rel_err(got, plain) < 1e-5  # float32 activations: the same numbers up to summation order
+    assert timing.rel_err(got, plain) < 1e-5  # float32 activations: the same numbers up to summation order
 
 
 def test_compiled_step_calls_the_ops(kernel_on_cpu):
@@ -107,12 +108,11 @@ def test_compiled_step_calls_the_ops(kernel_on_cpu):
     eager, k_eager = q(tok, pos), q.layers[1].k_cache.clone()
     q.layers[1].k_cache[:, :, 3] = float("nan")  # must be written again by the compiled step
     compiled = torch.compile(q, backend="aot_eager", fullgraph=True)(tok, pos)
-    assert decode.rel_err(compiled, eager) < 1e-6 and decode.rel_err(q.layers[1].k_cache, k_eager) < 1e-6
+    assert timing.rel_err(compiled, eager) < 1e-6 and timing.rel_err(q.layers[1].k_cache, k_eager) < 1e-6
 
 
 @pytest.mark.parametrize("pos,block_s", [(0, 16), (5, 16), (70, 16), (70, 64)])
 def test_decode_attention_kernel_matches_reference(kernel_on_cpu, pos, block_s):
-    from labutils import decode_attn
 
     # float16, not bfloat16: Triton's interpreter (numpy) gets tl.dot on bfloat16 wrong; the GPU does not
     B, H, KV, hd, S, dt = 2, 8, 2, 32, 96, torch.float16
@@ -126,16 +126,16 @@ def test_decode_attention_kernel_matches_reference(kernel_on_cpu, pos, block_s):
     p = torch.tensor([pos])
     want = decode_attn.reference(qkv, cos, sin, p, kc2, vc2)
     got = decode_attn._attn_op(qkv, cos, sin, p, kc, vc, block_s)  # the kernel (the op's CPU call)
-    assert decode.rel_err(got, want) < 1e-2
-    assert decode.rel_err(kc[:, :, pos], kc2[:, :, pos]) < 1e-2 and torch.equal(vc, vc2)  # cache written at pos
+    assert timing.rel_err(got, want) < 1e-2
+    assert timing.rel_err(kc[:, :, pos], kc2[:, :, pos]) < 1e-2 and torch.equal(vc, vc2)  # cache written at pos
     assert torch.equal(kc[:, :, pos + 1:], kc2[:, :, pos + 1:])  # and nowhere else
 
 
 def test_lean_with_both_kernels_matches_plain_lean(kernel_on_cpu):
-    lean = tiny_lean()
+    lm = tiny_lean()
     prompt, forced = torch.randint(3, 256, (1, 5)), torch.randint(3, 256, (1, 4))
-    ref = decode.teacher_forced(decode.LeanStepper(lean, 1, 16), prompt, forced)
-    fast = quant.use_gemv(lean)
+    ref = decode.teacher_forced(decode.LeanStepper(lm, 1, 16), prompt, forced)
+    fast = quant.use_gemv(lm)
     fast.attn = "triton"
     got = decode.teacher_forced(decode.LeanStepper(fast, 1, 16), prompt, forced)
-    assert decode.rel_err(got, ref) < 1e-5
+    assert timing.rel_err(got, ref) < 1e-5

@@ -6,7 +6,7 @@ import functools
 import pytest
 import torch
 
-from labutils import decode, lean, quant
+from labutils import decode, lean, ops, quant, timing
 
 TOL_F32 = 1e-4  # float32 everywhere: different op order only
 
@@ -33,20 +33,20 @@ def test_lean_matches_hf_prefill_and_cached_decode(hf, data):
     prompt, forced = data
     ref = decode.reference_logits(hf, prompt, forced)  # one pass, no cache
     assert ref.shape == (6, 2, 512)
-    lean = decode.LeanMistral.from_hf(hf)
-    got = decode.teacher_forced(decode.LeanStepper(lean, 2, 32), prompt, forced)  # prefill + 5 cached steps
-    assert decode.rel_err(got, ref) < TOL_F32
+    lm = lean.LeanMistral.from_hf(hf)
+    got = decode.teacher_forced(decode.LeanStepper(lm, 2, 32), prompt, forced)  # prefill + 5 cached steps
+    assert timing.rel_err(got, ref) < TOL_F32
     # the weights are HF's own tensors (fused ones concatenated), not copies of a different init
-    assert lean.output.weight.data_ptr() == hf.lm_head.weight.data_ptr()
-    assert torch.equal(lean.layers[1].w13.weight[:448], hf.model.layers[1].mlp.gate_proj.weight)
+    assert lm.output.weight.data_ptr() == hf.lm_head.weight.data_ptr()
+    assert torch.equal(lm.layers[1].w13.weight[:448], hf.model.layers[1].mlp.gate_proj.weight)
 
 
 @pytest.mark.parametrize("attn", [a for a in lean.ATTN if a != "reduce"])
 def test_every_attention_form_matches_hf(hf, data, attn):
     prompt, forced = data
     ref = decode.reference_logits(hf, prompt, forced)
-    m = decode.LeanMistral.from_hf(hf, attn=attn)
-    assert decode.rel_err(decode.teacher_forced(decode.LeanStepper(m, 2, 32), prompt, forced), ref) < TOL_F32
+    m = lean.LeanMistral.from_hf(hf, attn=attn)
+    assert timing.rel_err(decode.teacher_forced(decode.LeanStepper(m, 2, 32), prompt, forced), ref) < TOL_F32
     m.attn = "nonsense"
     with pytest.raises(ValueError, match="attention"):
         m(prompt, torch.arange(prompt.shape[1]))
@@ -60,7 +60,7 @@ def test_attend_one_compiled_form_matches_eager():
     eager = lean.attend_one(q, k, v, keep)
     compiled = torch.compile(lean.attend_one, backend="aot_eager", fullgraph=True)(q, k, v, keep)
     w = torch.softmax((q @ k[:, :, :11].transpose(-1, -2)) / 8 ** 0.5, -1)
-    assert decode.rel_err(eager, w @ v[:, :, :11]) < 1e-6 and decode.rel_err(compiled, eager) < 1e-6
+    assert timing.rel_err(eager, w @ v[:, :, :11]) < 1e-6 and timing.rel_err(compiled, eager) < 1e-6
 
 
 def test_hf_steppers_match_reference(hf, data):
@@ -82,12 +82,12 @@ def test_check_raises_on_wrong_logits(hf, data):
 
 def test_quantization_error_within_half_a_step():
     w = torch.randn(64, 96) * torch.logspace(-2, 1, 64)[:, None]  # rows of very different scale
-    q, s = quant.quantize_per_channel(w)
+    q, s = ops.quantize_per_channel(w)
     assert q.dtype == torch.int8 and q.abs().max() <= 127
-    err = (quant.dequantize(q, s) - w).abs()
+    err = (ops.dequantize(q, s) - w).abs()
     assert (err <= s[:, None] / 2 + 1e-6 * s[:, None]).all()  # per-channel scales: each row its own step
     assert q.abs().amax(1).eq(127).all()  # the largest weight of each row uses the full range
-    assert decode.rel_err(quant.dequantize(q, s), w) < 1e-2
+    assert timing.rel_err(ops.dequantize(q, s), w) < 1e-2
 
 
 @pytest.mark.parametrize("impl", quant.IMPLS)
@@ -96,28 +96,28 @@ def test_int8_linear_matches_dequantized_reference(impl):
     lin = torch.nn.Linear(96, 64, bias=False)
     q8 = quant.Int8Linear.from_linear(lin, impl)
     x = torch.randn(3, 5, 96)
-    ref = x @ quant.dequantize(q8.weight, q8.scales).T
-    assert decode.rel_err(q8(x), ref) < 1e-5
-    assert decode.rel_err(q8(x), lin(x)) < 2e-2  # and close to the float layer it came from
+    ref = x @ ops.dequantize(q8.weight, q8.scales).T
+    assert timing.rel_err(q8(x), ref) < 1e-5
+    assert timing.rel_err(q8(x), lin(x)) < 2e-2  # and close to the float layer it came from
 
 
 def test_quantized_copy_shares_the_rest_and_stays_close(hf, data):
     prompt, forced = data
-    lean = decode.LeanMistral.from_hf(hf)
-    q = decode.quantize_int8(lean)
-    assert isinstance(q.layers[0].wqkv, quant.Int8Linear) and isinstance(lean.layers[0].wqkv, torch.nn.Linear)
-    assert q.tok_emb.weight is lean.tok_emb.weight and q.layers[0].attn_norm is lean.layers[0].attn_norm
-    assert quant.weight_bytes(q) < 0.3 * quant.weight_bytes(lean)  # float32 -> int8 (+ scales)
+    lm = lean.LeanMistral.from_hf(hf)
+    q = quant.quantize_int8(lm)
+    assert isinstance(q.layers[0].wqkv, quant.Int8Linear) and isinstance(lm.layers[0].wqkv, torch.nn.Linear)
+    assert q.tok_emb.weight is lm.tok_emb.weight and q.layers[0].attn_norm is lm.layers[0].attn_norm
+    assert quant.weight_bytes(q) < 0.3 * quant.weight_bytes(lm)  # float32 -> int8 (+ scales)
     ref = decode.reference_logits(hf, prompt, forced)
-    err = decode.rel_err(decode.teacher_forced(decode.LeanStepper(q, 2, 32), prompt, forced), ref)
+    err = timing.rel_err(decode.teacher_forced(decode.LeanStepper(q, 2, 32), prompt, forced), ref)
     assert 1e-5 < err < 0.05  # quantization shows, but stays small
 
 
 def test_measure_counts_tokens_and_times_consistently(hf, data):
     prompt, _ = data
-    lean = decode.LeanMistral.from_hf(hf)
-    cost = decode.step_cost("mistral-7b-small", 2, 32, quant.weight_bytes(lean))
-    for gen in (functools.partial(decode.loop_generate, decode.LeanStepper(lean, 2, 32)),
+    lm = lean.LeanMistral.from_hf(hf)
+    cost = decode.step_cost("mistral-7b-small", 2, 32, quant.weight_bytes(lm))
+    for gen in (functools.partial(decode.loop_generate, decode.LeanStepper(lm, 2, 32)),
                 functools.partial(decode.hf_generate, hf)):
         r = decode.measure("t", gen, prompt, 5, cost, read_Bps=1e10, peak_flops=1e11, reps=2)
         assert r.tokens == 2 * 5 and r.batch == 2 and r.new_tokens == 5
@@ -129,8 +129,8 @@ def test_measure_counts_tokens_and_times_consistently(hf, data):
 
 def test_greedy_loops_agree(hf, data):
     prompt, _ = data
-    lean = decode.LeanMistral.from_hf(hf)
-    a = decode.loop_generate(decode.LeanStepper(lean, 2, 32), prompt, 6)
+    lm = lean.LeanMistral.from_hf(hf)
+    a = decode.loop_generate(decode.LeanStepper(lm, 2, 32), prompt, 6)
     b = decode.hf_generate(hf, prompt, 6)
     assert a.shape == b.shape == (2, 6)
     # float32, no near-ties at this size: the same greedy tokens, up to where ours emits EOS (generate is
@@ -151,12 +151,12 @@ def test_mbu_and_cost_formulas():
 
 
 def test_batch_sweep_leaves_model_untouched(hf):
-    lean = decode.LeanMistral.from_hf(hf).setup_cache(1, 16)
-    cache = lean.layers[0].k_cache
-    rows = decode.batch_sweep(lean, "mistral-7b-small", [1, 3], 8, 1e10, 1e11, max_time_s=0.05)
+    lm = lean.LeanMistral.from_hf(hf).setup_cache(1, 16)
+    cache = lm.layers[0].k_cache
+    rows = decode.batch_sweep(lm, "mistral-7b-small", [1, 3], 8, 1e10, 1e11, max_time_s=0.05)
     assert [r["batch"] for r in rows] == [1, 3]
     assert all(r["tok_s"] > 0 and r["rel_err_graph_vs_eager"] < 1e-6 for r in rows)
-    assert lean.layers[0].k_cache is cache
+    assert lm.layers[0].k_cache is cache
 
 
 def test_profile_reports_busy_and_top(hf, data):

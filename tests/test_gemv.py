@@ -1,4 +1,4 @@
-"""labutils.gemv: the plain-torch path on the CPU here, the Triton kernel itself through Triton's
+"""labutils.kernels.gemv: the plain-torch path on the CPU here, the Triton kernel itself through Triton's
 interpreter in a fresh process (tests/gemv_interpreted.py)."""
 
 import importlib.util
@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from labutils import decode, gemv, gemv_tune, lean, quant
+from labutils import decode, lean, ops, quant, timing
+from labutils.kernels import gemv, gemv_tune
 
 HERE = Path(__file__).parent
 
@@ -30,7 +31,7 @@ def test_reference_is_norm_then_product_then_residual():
     g = torch.Generator().manual_seed(0)
     x, w, s = torch.randn(3, 64, generator=g), torch.randn(32, 64, generator=g), torch.rand(32, generator=g)
     norm, res = torch.randn(64, generator=g), torch.randn(3, 32, generator=g)
-    want = res + (lean.rms_norm(x, norm, 1e-6) @ w.T) * s
+    want = res + (ops.rms_norm(x, norm, 1e-6) @ w.T) * s
     assert torch.allclose(gemv.reference(x, w, s, norm, 1e-6, res), want, atol=1e-5)
     assert torch.allclose(gemv.reference(x, w), x @ w.T, atol=1e-5)
 
@@ -42,16 +43,16 @@ def test_kernel_layers_on_cpu_are_the_plain_model():
     torch.manual_seed(0)
     cfg = MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, vocab_size=128, sliding_window=None, tie_word_embeddings=False)
-    base = decode.LeanMistral.from_hf(MistralForCausalLM(cfg).eval())
+    base = lean.LeanMistral.from_hf(MistralForCausalLM(cfg).eval())
     prompt, forced = torch.randint(3, 128, (2, 5)), torch.randint(3, 128, (2, 3))
     ref = decode.teacher_forced(decode.LeanStepper(base, 2, 16), prompt, forced)
     for fuse in (True, False):
         m = quant.use_gemv(base, fuse)
         assert isinstance(m.layers[0].wo, gemv.Linear) and m.layers[0].wo.weight is base.layers[0].wo.weight
-        assert decode.rel_err(decode.teacher_forced(decode.LeanStepper(m, 2, 16), prompt, forced), ref) < 1e-6
+        assert timing.rel_err(decode.teacher_forced(decode.LeanStepper(m, 2, 16), prompt, forced), ref) < 1e-6
     q8 = decode.teacher_forced(decode.LeanStepper(quant.quantize_int8(base, "dequant"), 2, 16), prompt, forced)
     got = decode.teacher_forced(decode.LeanStepper(quant.quantize_int8(base, "triton"), 2, 16), prompt, forced)
-    assert decode.rel_err(got, q8) < 1e-6
+    assert timing.rel_err(got, q8) < 1e-6
     assert gemv_tune.tune_model(quant.quantize_int8(base, "triton")) == []  # nothing on a GPU: nothing to tune
 
 

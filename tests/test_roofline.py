@@ -1,6 +1,8 @@
-"""labutils.roofline and labutils.scripts.gemm_search: the arithmetic against hand-computed cases,
-the layer sums against models.estimate, and the measured helpers on a tiny GQA model (CPU)."""
+"""labutils.roofline and labutils.gemm_bench (and the gemm_search script's command line): the arithmetic
+against hand-computed cases, the layer sums against models.estimate, and the measured helpers on a tiny GQA
+model (CPU)."""
 
+import json
 import math
 
 import matplotlib
@@ -8,8 +10,8 @@ import pytest
 import torch
 from transformers import MistralConfig, MistralForCausalLM
 
-from labutils import hardware, models, roofline, timing
-from labutils.scripts import gemm_search as gs
+from labutils import gemm_bench, hardware, models, roofline, timing
+from labutils.scripts import gemm_search
 
 TF, TB = 1e12, 1e12
 
@@ -159,16 +161,16 @@ def test_decode_step_matches_a_full_forward_and_repeats_exactly(tiny, cache):
     ids = roofline.token_ids(3, 10, vocab=128)
     ref = roofline.last_logits(tiny, ids)
     run, logits = roofline.decode_step(tiny, ids, cache, max_len=16)
-    assert roofline.rel_err(logits, ref) < 1e-5
+    assert timing.rel_err(logits, ref) < 1e-5
     again = run().logits[:, -1].float()
-    assert roofline.rel_err(again, ref) < 1e-5  # the cache was rolled back, not grown
+    assert timing.rel_err(again, ref) < 1e-5  # the cache was rolled back, not grown
     assert roofline.count_ops(run) > 10
     with pytest.raises(ValueError, match="dynamic"):
         roofline.decode_step(tiny, ids, "paged")
 
 
 def test_rel_err_catches_nan():
-    assert not roofline.rel_err(torch.tensor([float("nan"), 1.0]), torch.ones(2)) < 1
+    assert not timing.rel_err(torch.tensor([float("nan"), 1.0]), torch.ones(2)) < 1
 
 
 def test_components_are_checked_against_float64_and_counted(tiny):
@@ -180,34 +182,34 @@ def test_components_are_checked_against_float64_and_counted(tiny):
     assert parts["norms"][2] == 2 * 2 + 1 and parts["lm_head"][2] == 1
 
 
-# ---------------------------------------------------------------- gemm_search helpers
+# ---------------------------------------------------------------- gemm_bench
 def test_waves_by_hand():
-    assert gs.waves(256, 132 * 128, (256, 128), 132) == (132, 1, 1.0)
-    tiles, w, eff = gs.waves(256, 133 * 128, (256, 128), 132)
+    assert gemm_bench.waves(256, 132 * 128, (256, 128), 132) == (132, 1, 1.0)
+    tiles, w, eff = gemm_bench.waves(256, 133 * 128, (256, 128), 132)
     assert (tiles, w) == (133, 2) and eff == pytest.approx(133 / 264)
-    assert gs.waves(2048, 4224, (256, 128), 132)[1:] == (2, 1.0)  # 8 rows x 33 columns = 264 tiles
+    assert gemm_bench.waves(2048, 4224, (256, 128), 132)[1:] == (2, 1.0)  # 8 rows x 33 columns = 264 tiles
 
 
 def test_tile_is_read_from_kernel_names():
-    assert gs.tile_of("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT") == (256, 128)
-    assert gs.tile_of("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroup") == (128, 256)
-    assert gs.tile_of("nvjet_sm90_tst_64x8_64x16_4x1_v_bz_NNT") == (64, 8)
-    assert gs.tile_of(None) is None and gs.tile_of("elementwise_kernel") is None
+    assert gemm_bench.tile_of("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT") == (256, 128)
+    assert gemm_bench.tile_of("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroup") == (128, 256)
+    assert gemm_bench.tile_of("nvjet_sm90_tst_64x8_64x16_4x1_v_bz_NNT") == (64, 8)
+    assert gemm_bench.tile_of(None) is None and gemm_bench.tile_of("elementwise_kernel") is None
 
 
 def test_rotation_covers_twice_the_cache():
-    r = gs.rotation(1, 4096, 1024, "bfloat16", 50 * 2**20)
+    r = gemm_bench.rotation(1, 4096, 1024, "bfloat16", 50 * 2**20)
     assert r * roofline.gemm_cost(1, 4096, 1024, 2).bytes >= 2 * 50 * 2**20 or r == 16
-    assert gs.rotation(8192, 8192, 8192, "bfloat16", 50 * 2**20) == 1
+    assert gemm_bench.rotation(8192, 8192, 8192, "bfloat16", 50 * 2**20) == 1
 
 
 def test_search_remeasures_the_fastest_and_sweep_checks_every_product():
-    s = gs.search((32, 48), "float32", device="cpu", reps=3, confirm=2, progress=False)
+    s = gemm_bench.search((32, 48), "float32", device="cpu", reps=3, confirm=2, progress=False)
     assert s.n_total == 8 and len(s.results) == 8
     assert (40, 40, 40) not in [(r.m, r.n, r.k) for r in s.confirmed]
     assert len(s.confirmed) in (2, 3) and s.best is s.confirmed[0]
     assert s.as_dict()["best"]["m"] == s.best.m
-    rs = gs.sweep([(8, 16, 32), (1, 64, 64)], "float32", device="cpu", reps=3, progress=False)
+    rs = gemm_bench.sweep([(8, 16, 32), (1, 64, 64)], "float32", device="cpu", reps=3, progress=False)
     assert [(r.m, r.n, r.k) for r in rs] == [(8, 16, 32), (1, 64, 64)] and all(r.rel_err < 1e-5 for r in rs)
 
 
@@ -218,14 +220,22 @@ def test_outliers_name_the_rule_that_fits():
             {"dtype": "bfloat16", "AI": 2000.0, "% of roof": 40.0, "time": 1e-3},
             {"dtype": "bfloat16", "AI": 2000.0, "% of roof": 130.0, "time": 1e-3},
             {"dtype": "bfloat16", "AI": 2000.0, "% of roof": 80.0, "time": 1e-3}]
-    why = [r["why"].split(":")[0] for r in gs.outliers(rows, ceil)]
+    why = [r["why"].split(":")[0] for r in gemm_bench.outliers(rows, ceil)]
     assert why == ["fixed per-kernel cost", "near the ridge", "too few tiles to fill every SM, or the library's "
                    "kernel choice (section 5b)", "above the roof"]
 
 
 def test_launch_overhead_and_graphs_on_this_device():
-    lo = gs.launch_overhead(20, device="cpu", reps=3)
+    lo = gemm_bench.launch_overhead(20, device="cpu", reps=3)
     assert lo.graph_s_per_op is None and math.isfinite(lo.eager_s_per_op)
     g = timing.graphed(lambda: torch.ones(3), device="cpu")
     assert not g.is_graph and "GPU" in g.note and torch.equal(g.check(), torch.ones(3))
-    assert gs.kernel_names([(8, 8, 8)], device="cpu") == [None]
+    assert gemm_bench.kernel_names([(8, 8, 8)], device="cpu") == [None]
+
+
+def test_gemm_search_command_line_writes_its_json(tmp_path, capsys):
+    out = tmp_path / "search.json"
+    assert gemm_search.main(["--dtype", "float32", "--values", "32", "48", "--budget", "30", "--json", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["search"]["n_total"] == 8 and rec["search"]["best"]["rel_err"] < 1e-3 and "fingerprint" in rec
+    assert "best of" in capsys.readouterr().out

@@ -4,7 +4,7 @@ Rungs: a = HF ``generate`` eager (dynamic cache); b = ``generate`` with a static
 compiled; c = HF forward compiled (reduce-overhead: CUDA graphs) in a static-cache loop; d = the
 lean model (labutils.lean.LeanMistral), compiled with coordinate-descent tuning; d0 = the same
 without it; e = the lean model with int8 weights (``--int8``: an Int8Linear implementation, default
-the Triton kernel of labutils.gemv, or "auto": the fastest in a one-matrix kernel test, whose table is
+the Triton kernel of labutils.kernels.gemv, or "auto": the fastest in a one-matrix kernel test, whose table is
 printed). A lean rung may name its attention and its linear kernel: ``d:sdpa``, ``d:reduce:triton``
 (bf16 weights through the Triton kernel, norms and residuals fused in; ``triton_plain``: not fused),
 ``e:reduce:dequant`` (see labutils.lean.ATTN, quant.IMPLS); a fourth field ``nopdl`` runs the rung with
@@ -31,8 +31,9 @@ import time
 
 import torch
 
-from labutils import decode, gemv, gemv_tune, hardware, models, plots, quant, results, roofline, timing
+from labutils import decode, hardware, lean, models, plots, quant, results, roofline, timing
 from labutils import profile as _profile
+from labutils.kernels import _triton, gemv_tune
 
 RUNGS = ("a", "b", "c", "d", "e", "d0")
 NAMES = {"a": "a: generate, eager", "b": "b: generate, static cache", "c": "c: HF forward compiled",
@@ -128,8 +129,8 @@ def main(argv=None) -> int:
                           for k, v in gemv_tune._TUNED.items()}
     sweep = [int(b) for b in args.sweep.split(",") if b]
     if sweep and time.perf_counter() - t_start < args.budget_s:
-        lean = decode.LeanMistral.from_hf(hf)
-        rec["sweep"] = decode.batch_sweep(lean, args.model, sweep, P, bw, peak)
+        base = lean.LeanMistral.from_hf(hf)
+        rec["sweep"] = decode.batch_sweep(base, args.model, sweep, P, bw, peak)
         stage("sweep")
         print(plots.table(rec["sweep"], floatfmt=".3g"))
     save()
@@ -161,11 +162,11 @@ def run_rung(r, rec, hf, prompt, forced, ref, max_len, N, args, comp, bw, peak, 
     else:
         if var[2:] not in ([], ["nopdl"]):
             raise ValueError(f"rung {r}: the fourth field may only be 'nopdl'")
-        pdl, gemv.PDL = gemv.PDL, var[2:] != ["nopdl"]
+        pdl, _triton.PDL = _triton.PDL, var[2:] != ["nopdl"]
         try:
             return run_lean(r, kind, var, rec, hf, prompt, forced, ref, max_len, N, args, comp, bw, peak, shared)
         finally:
-            gemv.PDL = pdl
+            _triton.PDL = pdl
     name = NAMES[kind]
     run = decode.measure(name, gen, prompt, n, cost, bw, peak, reps=args.reps, warmup=warm)
     record(r, rec, run, chk, cost)
@@ -185,7 +186,7 @@ def run_lean(r, kind, var, rec, hf, prompt, forced, ref, max_len, N, args, comp,
     torch._dynamo.reset()  # each lean variant compiles afresh (no cache-size limit, no dynamic shapes)
     if "lean" not in shared:
         with timing.stopwatch(prompt.device) as t:
-            shared["lean"] = decode.LeanMistral.from_hf(hf)
+            shared["lean"] = lean.LeanMistral.from_hf(hf)
         rec["lean_build_s"] = t.seconds
     attn, impl = (var + [""])[0] or "reduce", (var + ["", ""])[1] or (args.int8 if kind == "e" else "")
     model = quant.copy_structure(shared["lean"])
@@ -208,7 +209,7 @@ def run_lean(r, kind, var, rec, hf, prompt, forced, ref, max_len, N, args, comp,
     chk = decode.check(st, prompt, forced, ref, tol16 if kind in ("d", "d0") else tol8)
     cost = decode.step_cost(args.model, 1, max_len, quant.weight_bytes(model))
     gen = functools.partial(decode.loop_generate, st)
-    name = NAMES[kind] + f" [{attn}{', ' + impl if impl else ''}{'' if gemv.PDL else ', no PDL'}]"
+    name = NAMES[kind] + f" [{attn}{', ' + impl if impl else ''}{'' if _triton.PDL else ', no PDL'}]"
     run = decode.measure(name, gen, prompt, N, cost, bw, peak, reps=args.reps, warmup=1)
     record(r, rec, run, chk, cost)
     rec["runs"][r]["graphs"] = dict(torch._dynamo.utils.counters["stats"]).get("unique_graphs", 0)

@@ -1,10 +1,5 @@
-"""GEMM sweeps for lab1, and a shape search for the best GEMM this device can do.
-
-Every product is checked against float64 by ``hardware.gemm`` before it is timed, and on a GPU
-timed only after ``hardware.SETTLE_S`` seconds of running back-to-back, so that every shape, in a
-sweep or in the search, is timed at the clock the GPU sustains under load. When the operands fit
-in the last-level cache, ``sweep`` rotates through enough copies that each call reads from memory,
-as a real model's layers do.
+"""The command line of lab1's shape search (the library is ``labutils.gemm_bench``): the best GEMM this
+device can do, and (``--names``) the GPU kernel each product launches.
 
     python -m labutils.scripts.gemm_search                       # bf16, M,N,K in 7680..8704 on a GPU
     python -m labutils.scripts.gemm_search --values 448 512 576  # the small-profile grid (CPU)
@@ -12,242 +7,20 @@ as a real model's layers do.
 
 One device only (no torchrun): the search is a property of one GPU.
 
-Used in lab1 §Ceilings (shape search), §Sweeps, §Why small is slow (launch overhead, waves).
+Used in lab1 §3 Measured ceilings (shape search) and §5b Wave quantization (``gemm_bench.kernel_names`` runs
+``--names`` in a separate process).
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
-import math
-import subprocess
 import sys
-import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from labutils import hardware, roofline, timing
-
-CPU_CACHE_BYTES = 32 * 2**20  # a CPU has no single "L2" we can read portably; assume a typical LLC
-
-
-def cache_bytes(device=None) -> int:
-    info = hardware.describe()
-    dev = torch.device(device) if device is not None else hardware.default_device()
-    return (info.l2_bytes or 50 * 2**20) if dev.type == "cuda" else CPU_CACHE_BYTES
-
-
-def rotation(m: int, n: int, k: int, dtype: str, cache: int, most: int = 16) -> int:
-    """How many operand sets to cycle through so that together they are at least twice the cache."""
-    c = roofline.gemm_cost(m, n, k, roofline.DTYPE_BYTES[dtype])
-    return max(1, min(most, math.ceil(2 * cache / c.bytes)))
-
-
-def sweep(shapes, dtype: str = "bfloat16", *, device=None, reps: int = 30, max_time_s: float = 1.0,
-          settle_s: float | None = None, progress: bool = True, desc: str = "") -> list[hardware.GemmResult]:
-    """Check and time every (m, n, k) in ``shapes``, rotating operands that fit in cache.
-
-    On a GPU the products are replayed from a CUDA graph: each point is the GPU's time for the kernel,
-    which is what the roofline models (section 5a of lab1 measures the launch cost it leaves out).
-    """
-    from tqdm.auto import tqdm
-
-    cache = cache_bytes(device)
-    out = []
-    for m, n, k in tqdm(list(shapes), desc=desc or f"{dtype} GEMMs", disable=not progress, leave=False):
-        out.append(hardware.gemm(m, n, k, dtype, device, reps=reps, max_time_s=max_time_s,
-                                 rotate=rotation(m, n, k, dtype, cache), graph=True, settle_s=settle_s))
-    return out
-
-
-@dataclass
-class Search:
-    dtype: str
-    values: tuple[int, ...]
-    results: list  # first pass: every shape, short timing, fastest first
-    confirmed: list  # second pass: the fastest few and the middle cube, timed like any lab GEMM
-    n_total: int
-    seconds: float
-
-    @property
-    def best(self) -> hardware.GemmResult:
-        return self.confirmed[0]
-
-    def as_dict(self) -> dict:
-        def row(r):
-            return {"m": r.m, "n": r.n, "k": r.k, "tflops": r.flops_per_s / 1e12, "rel_err": r.rel_err}
-
-        return {"dtype": self.dtype, "values": list(self.values), "n_total": self.n_total,
-                "n_done": len(self.results), "seconds": self.seconds, "settle_s": self.best.timing.settle_s,
-                "best": self.best.as_dict(),
-                "confirmed": [row(r) for r in self.confirmed], "results": [row(r) for r in self.results]}
-
-
-def search(values, dtype: str = "bfloat16", *, device=None, budget_s: float = 90.0, reps: int = 50,
-           confirm: int = 5, settle_s: float | None = None, progress: bool = True) -> Search:
-    """Every (M, N, K) with each dimension in ``values``, checked then timed briefly (stops at
-    ``budget_s``); then the ``confirm`` fastest and the middle cube are timed again with ``reps``.
-
-    Both passes settle first (``settle_s``, see ``hardware.gemm``), so shapes are ranked at the
-    sustained clock. The second pass guards against the winner's curse: the fastest of many short,
-    noisy timings is biased upwards, so the reported best is a re-measured one, timed exactly like
-    the lab's GEMMs.
-    """
-    from tqdm.auto import tqdm
-
-    vals = tuple(sorted(values))
-    mid = (vals[len(vals) // 2],) * 3
-    grid = sorted(itertools.product(vals, repeat=3), key=lambda s: (s != mid, s))
-    t0 = time.perf_counter()
-    done = []
-    for m, n, k in tqdm(grid, desc=f"shape search ({dtype})", disable=not progress, leave=False):
-        if time.perf_counter() - t0 > budget_s:
-            break
-        done.append(hardware.gemm(m, n, k, dtype, device, reps=10, max_time_s=0.3, settle_s=settle_s))
-    done.sort(key=lambda r: -r.flops_per_s)
-    again = list(dict.fromkeys([(r.m, r.n, r.k) for r in done[:confirm]] + [mid]))
-    confirmed = sorted((hardware.gemm(*s, dtype, device, reps=reps, settle_s=settle_s) for s in again),
-                       key=lambda r: -r.flops_per_s)
-    return Search(dtype, vals, done, confirmed, len(grid), time.perf_counter() - t0)
-
-
-def table(results, ceil: roofline.Ceilings, series: str = "") -> list[dict]:
-    """One row per GEMM: shape, AI, TFLOP/s, % of its dtype's roof, time per call, which roof binds."""
-    rows = []
-    for r in results:
-        p = roofline.gemm_point(r, series)
-        rows.append({"series": series, "M x N x K": p.label, "dtype": r.dtype, "AI": p.ai,
-                     "TFLOP/s": r.flops_per_s / 1e12, "% of roof": ceil.pct(p.flops_per_s, p.ai, r.dtype),
-                     "time": r.timing.median_s, "bound": "compute" if p.ai >= ceil.ridge(r.dtype) else "memory"})
-    return rows
-
-
-def outliers(rows: list[dict], ceil: roofline.Ceilings, below: float = 50.0, fixed_s: float = 10e-6):
-    """Rows under ``below`` % of roof (or over 110 %), each with the rule that most likely explains it."""
-    out = []
-    for r in rows:
-        pct, ridge = r["% of roof"], ceil.ridge(r["dtype"])
-        roof_s = r["time"] * pct / 100  # the time the roof allows
-        if below <= pct <= 110:
-            continue
-        if pct > 110:
-            why = "above the roof: operands served from a cache, or a bandwidth ceiling below the GEMM's own"
-        elif roof_s < fixed_s:
-            why = f"fixed per-kernel cost: the roof allows {roof_s * 1e6:.2g} us, it took {r['time'] * 1e6:.3g} us"
-        elif ridge / 3 <= r["AI"] <= 3 * ridge:
-            why = "near the ridge: memory and math overlap imperfectly"
-        else:
-            why = "too few tiles to fill every SM, or the library's kernel choice (section 5b)"
-        out.append({**r, "why": why})
-    return out
-
-
-# ---------------------------------------------------------------- wave quantization
-def waves(m: int, n: int, tile: tuple[int, int], units: int) -> tuple[int, int, float]:
-    """(tiles, waves, efficiency) when an m x n output is cut into ``tile`` blocks run ``units`` at a time.
-
-    Efficiency = tiles / (waves * units): the share of the last wave's slots that do work, averaged.
-    """
-    tiles = math.ceil(m / tile[0]) * math.ceil(n / tile[1])
-    w = math.ceil(tiles / units)
-    return tiles, w, tiles / (w * units)
-
-
-def kernel_names(shapes, dtype: str = "bfloat16", device=None, timeout: float = 300) -> list[str | None]:
-    """The GPU kernel torch.matmul launches for each (m, n, k) (cuBLAS names carry the tile size).
-
-    Read with torch.profiler in a *separate process*: in this one, the profiler would leave CUPTI
-    attached and slow every later launch (pytorch/pytorch#144455). A CPU has no kernels: all None.
-    """
-    dev = torch.device(device) if device is not None else hardware.default_device()
-    shapes = [tuple(s) for s in shapes]
-    if dev.type != "cuda":
-        return [None] * len(shapes)
-    cmd = [sys.executable, "-m", "labutils.scripts.gemm_search", "--dtype", dtype, "--names",
-           *[",".join(map(str, s)) for s in shapes]]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True,
-                             cwd=str(Path(__file__).resolve().parents[2]))
-        return json.loads(out.stdout.strip().splitlines()[-1])
-    except (subprocess.SubprocessError, OSError, ValueError, IndexError) as e:
-        return [f"unknown (profiler process failed: {type(e).__name__})"] * len(shapes)
-
-
-def _profile_names(shapes, dtype: str) -> list[str | None]:
-    t = {"float32": torch.float32, "float16": torch.float16}.get(dtype, torch.bfloat16)
-    names = []
-    for m, n, k in shapes:
-        a, b = torch.randn(m, k, device="cuda", dtype=t), torch.randn(k, n, device="cuda", dtype=t)
-        a @ b
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            a @ b
-            torch.cuda.synchronize()
-        ks = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        names.append(max(ks, key=len) if ks else None)
-    return names
-
-
-def tile_of(kernel_name: str | None) -> tuple[int, int] | None:
-    """The output tile (rows of torch's M, columns of torch's N) in a cuBLAS kernel name such as
-    ``nvjet_sm90_tst_256x128_...`` or ``..._tilesize256x128x64_...``; None if the name has none.
-
-    The order was read off a measurement, not assumed: on an H100 with M = 2048, K = 4096 and
-    ``nvjet_..._256x128_...``, throughput drops exactly where N/128 passes a multiple of 132/(2048/256).
-    """
-    import re
-
-    hit = re.search(r"(\d{1,3})x(\d{1,3})", kernel_name or "")
-    return (int(hit.group(1)), int(hit.group(2))) if hit else None
-
-
-# ---------------------------------------------------------------- launch overhead
-@dataclass(frozen=True)
-class Launch:
-    """Per-op time of a chain of tiny element-wise ops: eager dispatch vs one CUDA-graph replay."""
-
-    n_ops: int
-    numel: int
-    eager_s_per_op: float
-    graph_s_per_op: float | None  # None on a CPU: CUDA graphs need a GPU
-    eager: timing.Timing
-    graph: timing.Timing | None
-
-    def as_dict(self) -> dict:
-        return asdict(self) | {"eager": self.eager.as_dict(), "graph": self.graph and self.graph.as_dict()}
-
-
-def launch_overhead(n_ops: int = 200, numel: int = 1024, device=None, reps: int = 20) -> Launch:
-    """Time ``n_ops`` in-place adds on a ``numel``-element tensor, eagerly and (GPU) as one CUDA graph.
-
-    Each add moves ~8 bytes per element, nanoseconds of work: what is left is launch/dispatch cost.
-    Both paths are checked (x must equal the number of adds) before they are timed.
-    """
-    dev = torch.device(device) if device is not None else hardware.default_device()
-    x = torch.zeros(numel, device=dev)
-
-    def chain():
-        for _ in range(n_ops):
-            x.add_(1.0)
-        return x
-
-    def check(run, what):
-        x.fill_(float("nan"))  # poisoned: a chain that skips the reset shows
-        x.zero_()
-        run()
-        if not torch.equal(x, torch.full_like(x, float(n_ops))):
-            raise RuntimeError(f"{what} chain of {n_ops} adds gave wrong values")
-
-    check(chain, "eager")
-    eager = timing.benchmark(chain, device=dev, reps=reps, label=f"{n_ops} adds, eager")
-    graph = None
-    if dev.type == "cuda":
-        g = timing.graphed(chain, device=dev)
-        check(g.run, g.note)
-        graph = timing.benchmark(g.run, device=dev, reps=reps, label=f"{n_ops} adds, {g.note}")
-    return Launch(n_ops, numel, eager.median_s / n_ops, graph and graph.median_s / n_ops, eager, graph)
+from labutils import gemm_bench, hardware, results
 
 
 def main(argv=None) -> int:
@@ -263,18 +36,18 @@ def main(argv=None) -> int:
                     help="instead of searching, print (JSON) the GPU kernel each product launches")
     args = ap.parse_args(argv)
     if args.names:
-        print(json.dumps(_profile_names([tuple(map(int, s.split(","))) for s in args.names], args.dtype)))
+        print(json.dumps(gemm_bench.profile_names([tuple(map(int, s.split(","))) for s in args.names], args.dtype)))
         return 0
     gpu = torch.cuda.is_available()
     values = args.values or (list(range(7680, 8705, 256)) if gpu else [448, 512, 576])
-    s = search(values, args.dtype, budget_s=args.budget, settle_s=args.settle)
+    s = gemm_bench.search(values, args.dtype, budget_s=args.budget, settle_s=args.settle)
     for r in s.confirmed:
         print(f"{r.m:6d} {r.n:6d} {r.k:6d}  {r.flops_per_s / 1e12:8.2f} TFLOP/s  rel err {r.rel_err:.1e}")
     print(f"best of {len(s.results)}/{s.n_total} shapes (re-measured) in {s.seconds:.0f} s: "
           f"{s.best.m}x{s.best.n}x{s.best.k} {s.best.flops_per_s / 1e12:.1f} TFLOP/s ({args.dtype})")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"fingerprint": hardware.fingerprint(), "search": s.as_dict()}, f, indent=1)
+        rec = {"fingerprint": hardware.fingerprint(), "search": s.as_dict()}
+        results.atomic_write_bytes(Path(args.json), json.dumps(rec, indent=1).encode())
     return 0
 
 

@@ -26,19 +26,18 @@ from __future__ import annotations
 
 import torch
 
-from .gemv import available, pdl_ok, triton
+from .. import ops
+from . import _triton
+from ._triton import tl, triton  # the Triton modules themselves (None without Triton), for the kernel code
 
 if triton is not None:
-    import triton.language as tl
-
-    from .gemv import _pdl_launch_next, _pdl_wait
 
     @triton.jit
     def _attn_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, y_ptr, S, scale, H: tl.constexpr,
                      KV: tl.constexpr, G: tl.constexpr, HD: tl.constexpr, BLOCK_S: tl.constexpr,
                      PDL: tl.constexpr):
         b, h = tl.program_id(0), tl.program_id(1)
-        _pdl_wait(PDL)  # everything this kernel reads but the cache comes from the kernel before it
+        _triton.pdl_wait(PDL)  # everything this kernel reads but the cache comes from the kernel before it
         p = tl.load(pos_ptr)
         d = tl.arange(0, HD)
         partner = (d + HD // 2) % HD  # rotate_half: (-x2, x1)
@@ -71,7 +70,7 @@ if triton is not None:
             vb = tl.load(vc_ptr + cache + rs[:, None] * HD + d[None, :], mask=sm[:, None], other=0)
             acc = acc * alpha[:, None] + tl.dot(pr.to(vb.dtype), vb)
             l_i, m_i = l_i * alpha + tl.sum(pr, axis=1), m_new
-        _pdl_launch_next(PDL)
+        _triton.pdl_launch_next(PDL)
         out = acc / l_i[:, None]
         tl.store(y_ptr + b * H * HD + (h * G + g)[:, None] * HD + d[None, :], out.to(y_ptr.dtype.element_ty),
                  mask=gm[:, None])
@@ -81,7 +80,7 @@ if triton is not None:
                  k_cache: torch.Tensor, v_cache: torch.Tensor, block_s: int) -> torch.Tensor:
         B, KV, S, HD = k_cache.shape
         H = qkv.shape[-1] // HD - 2 * KV
-        y, pdl = qkv.new_empty((B, H * HD)), pdl_ok(qkv)
+        y, pdl = qkv.new_empty((B, H * HD)), _triton.pdl_ok(qkv)
         _attn_kernel[(B, KV)](qkv, cos, sin, pos, k_cache, v_cache, y, S, HD ** -0.5, H=H, KV=KV, G=H // KV,
                               HD=HD, BLOCK_S=block_s, PDL=pdl, num_warps=4, launch_pdl=pdl, enable_fp_fusion=True)
         return y
@@ -94,15 +93,13 @@ if triton is not None:
 
 def reference(qkv, cos, sin, pos, k_cache, v_cache) -> torch.Tensor:
     """The kernel's maths in torch: writes k (rotated) and v at ``pos`` into the caches, returns (B, H * hd)."""
-    from .lean import _rope  # here, not at the top: lean imports this module
-
     B, KV, S, hd = k_cache.shape
     H = qkv.shape[-1] // hd - 2 * KV
     q, k, v = qkv.view(B, H + 2 * KV, hd).split([H, KV, KV], dim=1)
     cos, sin = cos[pos], sin[pos]
-    k_cache[:, :, pos] = _rope(k, cos, sin).to(k_cache.dtype)[:, :, None]
+    k_cache[:, :, pos] = ops.rope(k, cos, sin).to(k_cache.dtype)[:, :, None]
     v_cache[:, :, pos] = v.to(v_cache.dtype)[:, :, None]
-    q = _rope(q, cos, sin).to(k_cache.dtype).float().view(B, KV, H // KV, hd)
+    q = ops.rope(q, cos, sin).to(k_cache.dtype).float().view(B, KV, H // KV, hd)
     n = int(pos) + 1
     s = (q @ k_cache[:, :, :n].float().transpose(-1, -2)) * hd ** -0.5
     return (torch.softmax(s, -1) @ v_cache[:, :, :n].float()).to(qkv.dtype).reshape(B, H * hd)
@@ -112,8 +109,8 @@ def attend(qkv, cos, sin, pos, k_cache, v_cache, block_s: int = 128) -> torch.Te
     """Attention of one new token per sequence: ``qkv`` (B, (H + 2 KV) * hd), the q/k/v projection's output;
     ``cos``, ``sin``: the RoPE tables (S, hd), read at row ``pos`` (a one-element tensor) inside the kernel
     (indexing them in torch cost a gather kernel per layer); caches (B, KV, S, hd), written at ``pos``.
-    -> (B, H * hd). The kernel on a GPU (launched with PDL where ``gemv.pdl_ok``), else ``reference``."""
-    if not available(qkv):
+    -> (B, H * hd). The kernel on a GPU (launched with PDL where ``_triton.pdl_ok``), else ``reference``."""
+    if not _triton.available(qkv):
         return reference(qkv, cos, sin, pos, k_cache, v_cache)
     return torch.ops.smml.decode_attn(qkv.contiguous(), cos.contiguous(), sin.contiguous(), pos, k_cache, v_cache,
                                       block_s)

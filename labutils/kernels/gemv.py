@@ -30,15 +30,16 @@ kernels per token, each a fixed cost that int8 does not shrink (``lean.apply`` h
 The kernel runs as the custom op ``torch.ops.smml.gemv`` (``torch.library.custom_op``): torch.compile puts
 it in its CUDA graph as it is and fuses nothing into it -- Inductor's own M = 1 reductions recompute a
 fused producer (RMSNorm, SiLU-times-up) for every block of rows, which cost the int8 rung most of its
-speed-up. ``labutils.gemv_tune`` picks the block shape per matrix and fusion on this GPU, every candidate
-checked against a float64 result first. On Hopper and newer (``pdl_ok``) it also tries
+speed-up. ``kernels.gemv_tune`` picks the block shape per matrix and fusion on this GPU, every candidate
+checked against a float64 result first. On Hopper and newer (``_triton.pdl_ok``) it also tries
 programmatic dependent launch (``Config.pdl``): the kernel is launched while the one before it is still
 finishing, and waits (``griddepcontrol.wait``) before it reads any activation -- part of each kernel's
 start-up then hides under the previous one's tail. Without Triton, on a CPU, or for many rows (a prefill)
 ``linear`` runs the same maths in plain torch (``reference``).
 
 Tested on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``; tests/test_gemv.py) and compiled
-there for sm_90 with the ptxas Triton ships. Used in lab4 (through ``labutils.quant`` and ``lean.apply``).
+there for sm_90 with the ptxas Triton ships. Used in lab4 §Rung d′ and §Rung e (through
+``labutils.quant`` and ``lean.apply``).
 """
 
 from __future__ import annotations
@@ -49,11 +50,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # a CPU build of torch without triton: the layers take the plain path
-    triton = None
+from .. import ops
+from . import _triton
+from ._triton import tl, triton  # the Triton modules themselves (None without Triton), for the kernel code
 
 
 @dataclass(frozen=True)
@@ -69,39 +68,9 @@ class Config:
 
 
 DEFAULT = Config()
-PDL = True  # False: no kernel here is launched with PDL (for A/B runs; set before tuning)
-
-
-def available(x: torch.Tensor) -> bool:
-    """The Triton kernel can run on ``x``'s device (a CUDA GPU with triton installed)."""
-    return triton is not None and x.is_cuda
-
-
-def pdl_ok(t: torch.Tensor) -> bool:
-    """Kernels on ``t``'s device may use programmatic dependent launch: Triton, and a Hopper or newer GPU,
-    where a kernel can begin (read its weights) while the one before it finishes, and waits on the
-    instruction ``griddepcontrol.wait`` before it reads what that kernel wrote."""
-    return PDL and triton is not None and t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9 and \
-        hasattr(getattr(getattr(tl, "extra", None), "cuda", None), "gdc_wait")
 
 
 if triton is not None:
-
-    @triton.jit
-    def _pdl_wait(PDL: tl.constexpr):
-        """With PDL: wait until the kernel before this one has finished and its writes are visible. Call it
-        before any read of an activation and before any write; the weights may be asked for before it."""
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-
-    @triton.jit
-    def _pdl_launch_next(PDL: tl.constexpr):
-        """With PDL: once every program has called this (or ended), the next kernel may launch. Called after
-        the main loop, in the tail: the next kernel's programs take the SMs this one's last programs free
-        (calling it at the start let a chain of kernels crowd in, each holding SMs while it waited: the
-        int8 rung lost 4 %)."""
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
     def _as_float(w, INT8: tl.constexpr, BITS: tl.constexpr):
@@ -138,7 +107,7 @@ if triton is not None:
         rk = tl.arange(0, BLOCK_K)
         w_ptrs = w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :]
         up = N.to(tl.int64) * K  # offset of the up rows (GLU)
-        _pdl_wait(PDL)
+        _triton.pdl_wait(PDL)
         if ACC2D:
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
             acc_u = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -197,7 +166,7 @@ if triton is not None:
                 else:
                     acc_u += tl.sum(pu, axis=1)
             w_ptrs += BLOCK_K
-        _pdl_launch_next(PDL)
+        _triton.pdl_launch_next(PDL)
         if ACC2D:
             a = tl.sum(acc, axis=1)
             a_u = tl.sum(acc_u, axis=1)
@@ -230,8 +199,8 @@ if triton is not None:
                              and w.data_ptr() % 16 == 0):
             raise ValueError("prmt: int8 weights (16-byte aligned), shapes that divide into whole blocks, "
                              "bits=True, acc2d=False, and a GPU (the interpreter has no inline assembly)")
-        if cfg.pdl and not pdl_ok(x):
-            raise ValueError("pdl needs a Hopper or newer GPU and a triton with gdc_wait (gemv.pdl_ok): use a "
+        if cfg.pdl and not _triton.pdl_ok(x):
+            raise ValueError("pdl needs a Hopper or newer GPU and a triton with gdc_wait (_triton.pdl_ok): use a "
                              "Config with pdl=False here")
         grid = (triton.cdiv(N, cfg.block_n), M)
         _gemv_kernel[grid](x, w, w if scale is None else scale, x if norm is None else norm,
@@ -263,13 +232,10 @@ if triton is not None:
 def reference(x, w, scale=None, norm=None, eps: float = 0.0, residual=None, glu: bool = False) -> torch.Tensor:
     """What the kernel computes, in plain torch and x's dtype: ``residual + rms_norm(x) @ (w * scale).T``;
     ``glu``: the product's two halves (gate, up) become ``silu(gate) * up``."""
-    from .lean import rms_norm  # here, not at the top: lean imports decode_attn, which imports this module
-
-    y = F.linear(x if norm is None else rms_norm(x, norm, eps), w.to(x.dtype))
+    y = F.linear(x if norm is None else ops.rms_norm(x, norm, eps), w.to(x.dtype))
     y = y if scale is None else y * scale.to(x.dtype)
     if glu:
-        gate, up = y.chunk(2, dim=-1)
-        y = F.silu(gate) * up
+        y = ops.silu_glu(y)
     return y if residual is None else residual + y
 
 
@@ -278,7 +244,7 @@ def linear(x, w, scale, cfg: tuple, norm=None, eps: float = 0.0, residual=None, 
     (a prefill's many rows reuse each weight across rows: there cuBLAS is the right tool).
     ``cfg``: ``astuple(Config)``, plain values, so that torch.compile sees constants."""
     x2 = x.reshape(-1, x.shape[-1])
-    if x2.shape[0] != 1 or not available(x2):
+    if x2.shape[0] != 1 or not _triton.available(x2):
         return reference(x, w, scale, norm, eps, residual, glu)
     r2 = None if residual is None else residual.reshape(1, -1).contiguous()
     y = torch.ops.smml.gemv(x2.contiguous(), w, scale, norm, eps, r2, glu, *cfg)

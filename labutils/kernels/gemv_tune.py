@@ -1,4 +1,4 @@
-"""Tuning ``labutils.gemv``'s kernel: the block shape (and PDL) per weight matrix, chosen by timing on this GPU.
+"""Tuning ``kernels.gemv``'s kernel: the block shape (and PDL) per weight matrix, chosen by timing on this GPU.
 
 A matrix-vector kernel's best block shape depends on the matrix (few rows: many small programs to fill the
 SMs; many rows: fewer, longer ones), on the weight's dtype and on what is fused in. ``tune`` times every
@@ -8,7 +8,7 @@ layer's ``cfg``. Timing is ``labutils.timing`` over a CUDA graph of launches on 
 fill 3x the L2, as in the model, where each layer's weight comes from HBM. Winners are remembered per process.
 
 Needs a GPU with triton (on a CPU the layers run the plain path and there is nothing to tune). Used in lab4
-(§Rung d′, §Rung e), ``quant.kernel_bench`` and ``scripts/decode_bench``.
+§Rung d′ and §Rung e (also through ``quant.kernel_bench`` and ``scripts/decode_bench``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from dataclasses import astuple, replace
 
 import torch
 
-from . import gemv, timing
+from .. import ops, timing
+from . import _triton, gemv
 
 #: Candidates for ``tune``: many programs of a few rows (for matrices with few rows, e.g. 4096 x 4096) to
 #: fewer programs of more rows (fewer re-reads of x per weight byte); long K steps keep bytes in flight;
@@ -37,7 +38,7 @@ _TUNED: dict[tuple, list[dict]] = {}  # (n, k, weight dtype, x dtype, GPU index,
 
 
 def _key(n, k, wdtype, xdtype, dev, fused: str | None) -> tuple:
-    return (n, k, wdtype, xdtype, dev.index, fused, gemv.PDL)  # tuned with PDL allowed or not
+    return (n, k, wdtype, xdtype, dev.index, fused, _triton.PDL)  # tuned with PDL allowed or not
 
 
 def rel_err_of(cfg: gemv.Config, x, w, scale, ref, **fused) -> float:
@@ -49,13 +50,11 @@ def rel_err_of(cfg: gemv.Config, x, w, scale, ref, **fused) -> float:
 def _problem(n: int, k: int, wdtype, xdtype, dev, fused: str | None):
     """Random x (1, k), w (n, k) (int8 with per-row scales, or ``wdtype``), the kernel's fused inputs
     (``fused``: "norm", "residual", "norm+glu"; see ``lean.LeanMistral.FUSED_WITH``) and the float64 result."""
-    from .quant import quantize_per_channel  # here, not at the top: quant imports this module
-
     g = torch.Generator(dev).manual_seed(0)
     x = torch.randn(1, k, device=dev, dtype=xdtype, generator=g)
     w, scale = torch.randn(n, k, device=dev, generator=g), None
     if wdtype == torch.int8:
-        w, scale = quantize_per_channel(w)
+        w, scale = ops.quantize_per_channel(w)
         scale = scale.to(xdtype)
     w = w.to(wdtype)
     parts, kw = set((fused or "").split("+")), {}
@@ -73,7 +72,7 @@ def _problem(n: int, k: int, wdtype, xdtype, dev, fused: str | None):
 def tune(n: int, k: int, wdtype=torch.int8, xdtype=torch.bfloat16, device=None, fused: str | None = None,
          configs=CONFIGS, tol: float = 1e-2, max_time_s: float = 0.2, variants_of: int = 2) -> list[dict]:
     """Time every candidate config for an (n x k) weight at M = 1 on this GPU, with what the layer fuses in
-    (``fused``: None, "norm", "residual" or "norm+glu"); then, on a GPU with PDL (``gemv.pdl_ok``), the
+    (``fused``: None, "norm", "residual" or "norm+glu"); then, on a GPU with PDL (``_triton.pdl_ok``), the
     ``variants_of`` fastest again with ``pdl=True``. Remember the table.
 
     Each candidate is first checked against the float64 result. Timing: ``labutils.timing``, over a
@@ -81,7 +80,7 @@ def tune(n: int, k: int, wdtype=torch.int8, xdtype=torch.bfloat16, device=None, 
     each layer's weight comes from HBM, not from cache). -> rows (config, us, GB/s, rel err), fastest first.
     """
     dev = torch.device(device or "cuda")
-    if gemv.triton is None or dev.type != "cuda":
+    if _triton.triton is None or dev.type != "cuda":
         raise RuntimeError("gemv_tune.tune needs a CUDA GPU and triton; on a CPU the layers use the plain path")
     dev = torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
     x, w0, scale, kw, ref = _problem(n, k, wdtype, xdtype, dev, fused)
@@ -108,7 +107,7 @@ def tune(n: int, k: int, wdtype=torch.int8, xdtype=torch.bfloat16, device=None, 
     for cfg in configs:
         run(cfg)
     best = [r["config"] for r in sorted((r for r in rows if "us" in r), key=lambda r: r["us"])[:variants_of]]
-    for cfg in best if gemv.pdl_ok(x) else ():  # PDL changes a kernel's start and end, not its loop
+    for cfg in best if _triton.pdl_ok(x) else ():  # PDL changes a kernel's start and end, not its loop
         run(replace(cfg, pdl=True))
     ok = sorted((r for r in rows if "us" in r), key=lambda r: r["us"])
     if not ok:
@@ -126,7 +125,7 @@ def tune_model(model: torch.nn.Module, **kw) -> list[dict]:
     runner-up's time. No GPU: no rows."""
     rows, done, roles = [], {}, getattr(model, "FUSED_WITH", {})
     for name, m in model.named_modules():
-        if not (hasattr(m, "cfg") and hasattr(m, "weight")) or not gemv.available(m.weight):
+        if not (hasattr(m, "cfg") and hasattr(m, "weight")) or not _triton.available(m.weight):
             continue
         w, fused = m.weight, roles.get(name.rsplit(".", 1)[-1]) if m.fuse else None
         xd = m.scales.dtype if m.scales is not None else w.dtype
