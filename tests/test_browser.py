@@ -88,18 +88,25 @@ def _wait_ready(port: int, token: str, proc: subprocess.Popen, log: Path):
     pytest.fail(f"JupyterLab did not answer /api/status within {READY_S} s:\n{log.read_text()[-3000:]}")
 
 
+def _family(p: psutil.Process) -> list[psutil.Process]:
+    """``p`` and every process below it, as far as they can still be seen."""
+    try:
+        return [p] + p.children(recursive=True)
+    except psutil.Error:
+        return [p]
+
+
 def _stop(procs: list[psutil.Process], wait_s: float = 30.0):
     """SIGTERM every process still alive, then SIGKILL what is left after ``wait_s``."""
-    alive = [p for p in procs if p.is_running()]
-    for p in alive:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(alive, timeout=wait_s)
-    for p in alive:
-        p.kill()
-    psutil.wait_procs(alive, timeout=wait_s)
+    for sig in ("terminate", "kill"):
+        for p in procs:
+            try:
+                getattr(p, sig)()
+            except psutil.Error:
+                pass
+        _, procs = psutil.wait_procs(procs, timeout=wait_s)
+        if not procs:
+            return
 
 
 def _scratch_root(tmp: Path) -> Path:
@@ -108,18 +115,21 @@ def _scratch_root(tmp: Path) -> Path:
     root.mkdir()
     shutil.copy(REPO / "lab0.ipynb", root / "lab0.ipynb")
     (root / "labutils").symlink_to(REPO / "labutils", target_is_directory=True)
-    settings = tmp / "config" / "lab" / "user-settings"
+    return root
+
+
+def _write_lab_settings(config_dir: Path):
     for name, value in LAB_SETTINGS.items():
-        f = settings / f"{name}.jupyterlab-settings"
+        f = config_dir / "lab" / "user-settings" / f"{name}.jupyterlab-settings"
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text(json.dumps(value))
-    return root
 
 
 @pytest.fixture
 def lab(tmp_path):
     """JupyterLab started as `make lab` starts it; yields (port, token, process, log)."""
     port, token, root = launch.free_port(), secrets.token_hex(24), _scratch_root(tmp_path)
+    _write_lab_settings(tmp_path / "config")
     cmd = _lab_command(["--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
                         "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
                         f"--ServerApp.root_dir={root}"])
@@ -135,14 +145,15 @@ def lab(tmp_path):
         _wait_ready(port, token, proc, log)
         yield port, token, proc, log
     finally:
-        family = [server] + (server.children(recursive=True) if server.is_running() else [])
+        family = _family(server)
         try:
             _api(port, token, "/api/shutdown", "POST")  # stops the kernels, then the server
             proc.wait(timeout=60)
         except (OSError, subprocess.TimeoutExpired):
             pass
         _stop(family)
-    assert launch.port_is_free(port), f"port {port} is still taken after JupyterLab was stopped"
+    assert launch.port_is_free(port), (f"port {port} is still taken after JupyterLab was stopped:\n"
+                                       f"{log.read_text()[-2000:]}")
 
 
 @pytest.fixture
@@ -161,10 +172,13 @@ def browser(tmp_path, monkeypatch):
     service = Service(executable_path=CHROMEDRIVER, log_output=str(tmp_path / "chromedriver.log"))
     driver = webdriver.Chrome(service=service, options=opts)
     chromedriver = psutil.Process(service.process.pid)
+    # the page itself 1280x800 (--window-size counts the window's frame): the screenshot's size
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {"width": 1280, "height": 800,
+                                                                   "deviceScaleFactor": 1, "mobile": False})
     try:
         yield driver
     finally:
-        family = [chromedriver] + (chromedriver.children(recursive=True) if chromedriver.is_running() else [])
+        family = _family(chromedriver)
         try:
             driver.quit()
         finally:
@@ -261,7 +275,9 @@ def _check_outputs(cells, bar_cell):
     stderr = [e.text for c in cells for e in c.find_elements(
         "css selector", '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]')]
     bad = [t for t in stderr if "Traceback" in t or "TqdmWarning" in t]
-    assert not bad, "lab0's first cells wrote errors or warnings in JupyterLab:\n" + "\n---\n".join(bad)
+    hint = ("\n(TqdmWarning: ipywidgets is missing from the kernel's venv: `pip install -r requirements.txt`)"
+            if any("TqdmWarning" in t for t in bad) else "")
+    assert not bad, "lab0's first cells wrote errors or warnings in JupyterLab:\n" + "\n---\n".join(bad) + hint
     bars = bar_cell.find_elements("css selector", ".jp-OutputArea .jupyter-widgets.widget-hprogress .progress-bar")
     assert bars, ("the tqdm bar of lab0's models.load cell did not render as an ipywidgets progress widget "
                   "(is ipywidgets installed in the venv?); its stderr shows: " + " | ".join(stderr)[-1500:])
