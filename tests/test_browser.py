@@ -16,6 +16,7 @@ TqdmWarning; the bar is an ipywidgets progress widget, not text. A screenshot go
 in teardown and the port is free afterwards.
 """
 
+import importlib.util
 import json
 import os
 import re
@@ -49,18 +50,25 @@ LAB_SETTINGS = {
 }
 READY_S, KERNEL_S, CELLS_S = 300, 300, 600  # generous ceilings on a loaded 2-core box, not expectations
 
-pytestmark = pytest.mark.timeout(READY_S + KERNEL_S + CELLS_S + 300)
+
+def _missing() -> list[str]:
+    tools = {"chromium": CHROMIUM, "chromedriver": CHROMEDRIVER, "make": shutil.which("make"),
+             "selenium (python)": importlib.util.find_spec("selenium")}
+    return [name for name, found in tools.items() if not found]
 
 
-def _not_run(why: str):
-    pytest.skip(f"browser test NOT RUN: {why}. To run it: `apt-get install -y --no-install-recommends chromium "
-                f"chromium-driver` (Debian; .ci/run does this) and `pip install -r requirements-dev.txt` (selenium).")
+MISSING = _missing()
+pytestmark = [
+    pytest.mark.timeout(READY_S + KERNEL_S + CELLS_S + 300),
+    pytest.mark.skipif(bool(MISSING), reason=(
+        f"browser test NOT RUN: {', '.join(MISSING)} not found. To run it: `apt-get install -y "
+        f"--no-install-recommends chromium chromium-driver` (Debian; .ci/run does this) and "
+        f"`pip install -r requirements-dev.txt` (selenium); `make` reads the Makefile's lab recipe.")),
+]
 
 
 def _lab_command(extra: list[str]) -> str:
     """The Makefile's `lab` recipe for this venv, with `extra` as LAB_ARGS (setup not re-run)."""
-    if not shutil.which("make"):
-        _not_run("`make` is not installed, so the Makefile's `lab` recipe cannot be read")
     out = subprocess.run(["make", "-s", "-n", "-o", str(VENV / ".installed"), "lab", f"VENV={VENV}",
                           f"LAB_ARGS={shlex.join(extra)}"], cwd=REPO, capture_output=True, text=True, check=True)
     lines = [ln for ln in out.stdout.splitlines() if ln.strip()]
@@ -158,10 +166,7 @@ def lab(tmp_path):
 
 @pytest.fixture
 def browser(tmp_path, monkeypatch):
-    if not (CHROMIUM and CHROMEDRIVER):
-        _not_run(f"Chromium or its driver is missing (chromium: {CHROMIUM}, chromedriver: {CHROMEDRIVER})")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="browser test NOT RUN: selenium is not "
-                                    "installed (`pip install -r requirements-dev.txt`)")
+    from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must never fetch a browser or driver
