@@ -1,0 +1,1 @@
+"""lab2: parallelisms, one module each (mesh, comms, gemm, tensor, memory; pipeline, data, scaling). Used in lab2 and lab3."""
