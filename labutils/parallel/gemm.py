@@ -173,7 +173,7 @@ def measure_link(sizes, group=None, device=None, reps: int = 10) -> dict:
     for s in sizes:
         x = torch.ones(max(s // 4, 1), device=dev)
         dist.barrier(group=group)
-        t = timing.benchmark(lambda: dist.all_reduce(x, group=group), device=dev, warmup=2, reps=reps,
+        t = timing.benchmark(lambda x=x: dist.all_reduce(x, group=group), device=dev, warmup=2, reps=reps,
                              min_reps=reps, max_time_s=float("inf"))
         rows.append({"bytes": x.numel() * 4, "sent": wire_factor("all_reduce", n) * x.numel() * 4,
                      "median_s": _slowest(t.median_s, dev, group)})

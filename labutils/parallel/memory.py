@@ -130,11 +130,16 @@ def activation_bytes(s: Shape, tokens: int, seq: int, dtype_bytes: float = 2, ch
     return per * s.layers * tokens
 
 
+def logits_bytes(s: Shape, tokens: int, dtype_bytes: float = 4) -> float:
+    """The fp32 logits the loss keeps for backward (tokens x vocab): at a short sequence, more than a layer."""
+    return tokens * s.vocab * dtype_bytes
+
+
 def max_batch(s: Shape, capacity: float, seq: int, world: int = 1, stage: int = 0, dtype_bytes: float = 2,
               checkpoint: bool = False, flash: bool = True, reserve: float = 0.0) -> int:
     """The largest batch of ``seq``-token sequences whose training step is predicted to fit in ``capacity``."""
     static = per_rank_training_bytes(s.n_params, world, stage)["total"] + reserve
-    per_seq = activation_bytes(s, seq, seq, dtype_bytes, checkpoint, flash) + seq * s.vocab * 4 * 2  # + fp32 logits, grad
+    per_seq = activation_bytes(s, seq, seq, dtype_bytes, checkpoint, flash) + 2 * logits_bytes(s, seq)  # + their grad
     return max(int((capacity - static) // per_seq), 0)
 
 
@@ -149,7 +154,7 @@ def table(s: Shape, seq: int = 4096, batch: int = 1, world: int = 4) -> list[dic
     """The predicted memory of ``s`` as rows (what, GB): the table lab2 opens with."""
     tp = training_bytes_per_param()
     rows = [{"what": f"{k} ({v} B/param)", "GB": s.n_params * v / GB} for k, v in tp.items()]
-    rows.append({"what": f"KV cache, 1 token (bf16)", "GB": kv_cache_bytes(s, 1) / GB})
+    rows.append({"what": "KV cache, 1 token (bf16)", "GB": kv_cache_bytes(s, 1) / GB})
     rows.append({"what": f"KV cache, batch {batch} x {seq} tokens", "GB": kv_cache_bytes(s, seq, batch) / GB})
     for ckpt in (False, True):
         rows.append({"what": f"activations, batch {batch} x {seq}, {'with' if ckpt else 'no'} checkpointing",
@@ -190,3 +195,60 @@ def saving_tracker(exclude=()):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         yield found
+
+
+# ---------------------------------------------------------------- one training step, measured
+def measure_training_step(name: str, batch: int, seq: int, device, dtype=torch.float32) -> dict:
+    """One AdamW step of preset ``name`` (random weights) on ``batch`` x ``seq`` tokens: what it held.
+
+    GPU: ``torch.cuda.max_memory_allocated`` over the step. CPU: the bytes of the live tensors -
+    parameters, gradients, optimizer state - plus the activations autograd saved (``saving_tracker``)."""
+    from transformers import MistralForCausalLM
+
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = MistralForCausalLM(models.preset(name).config()).to(dtype)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=dev)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    params = list(model.parameters())
+    with saving_tracker(exclude=params) as saved:
+        loss = model(input_ids=ids, labels=ids).loss
+    act = tensor_bytes(saved)
+    saved.clear()
+    loss.backward()
+    opt.step()
+    state = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
+    out = {"params": tensor_bytes(params), "grads": tensor_bytes(p.grad for p in params),
+           "optimizer": tensor_bytes(state), "activations_saved": act, "batch": batch, "seq": seq,
+           "device": str(dev), "dtype": str(dtype).removeprefix("torch.")}
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        return out | {"peak": torch.cuda.max_memory_allocated(dev), "how": "torch.cuda.max_memory_allocated"}
+    return out | {"peak": out["params"] + out["grads"] + out["optimizer"] + act,
+                  "how": "bytes of live tensors: params + grads + Adam state + saved activations (CPU)"}
+
+
+def oom_boundary(name: str, seq: int, device, dtype=torch.bfloat16, start: int = 1, limit: int = 4096) -> dict:
+    """The largest batch whose training step fits on one GPU: doubling, then bisection, catching OOM."""
+    def fits(b: int) -> bool:
+        try:
+            measure_training_step(name, b, seq, device, dtype)
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            torch.cuda.empty_cache()
+
+    if not fits(start):
+        return {"largest_batch": 0, "seq": seq, "tried": [start]}
+    lo, hi = start, start * 2
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return {"largest_batch": lo, "seq": seq}

@@ -126,16 +126,27 @@ def check_tp_size(config, tp: int) -> None:
 
 
 def load_hf_tp(path: str, tp: int, dtype=torch.float32):
-    """A HF causal LM loaded with transformers' TP plan over a world of exactly ``tp`` ranks."""
+    """A HF causal LM loaded with transformers' TP plan (``DistributedConfig(tp_size=tp)``).
+
+    ``tp`` = the world size: one TP group. ``tp`` < world: a (world/tp) x tp mesh from ``ParallelDims``, each
+    row one TP group holding a full replica (transformers then applies TP only; its ``fsdp_size`` is set
+    to world/tp solely to pass its tp * fsdp == world check - no FSDP is applied)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.distributed import DistributedConfig
 
+    from .mesh import ParallelDims
+
     check_tp_size(AutoConfig.from_pretrained(path), tp)
-    if dist.get_world_size() != tp:
-        raise ValueError(f"transformers' TP needs tp_size == world size: tp={tp}, world={dist.get_world_size()}; "
-                         f"start {tp} ranks")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, distributed_config=DistributedConfig(tp_size=tp))
-    return model.eval()
+    world = dist.get_world_size()
+    if world % tp:
+        raise ValueError(f"TP size {tp} does not divide the world size {world}: start a multiple of {tp} ranks")
+    if tp == world:
+        cfg, kw = DistributedConfig(tp_size=tp), {}
+    else:
+        dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        cfg = DistributedConfig(tp_size=tp, fsdp_size=world // tp)
+        kw = {"device_mesh": ParallelDims(dp=world // tp, tp=tp).build(dev)}
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, distributed_config=cfg, **kw).eval()
 
 
 # ---------------------------------------------------------------- TP for the lean decode model

@@ -84,8 +84,8 @@ def mlp_check(hidden, ffn, ctx, mesh1) -> dict:
         yt = tp(x)
         yt = yt.full_tensor() if hasattr(yt, "full_tensor") else yt
         yt.square().sum().backward()
-        g = {"gate_proj": (0, tensor.local_grad(tp.gate_proj.weight)), "up_proj": (0, tensor.local_grad(tp.up_proj.weight)),
-             "down_proj": (1, tensor.local_grad(tp.down_proj.weight))}
+        g = {k: (1 if k == "down_proj" else 0, tensor.local_grad(getattr(tp, k).weight))
+             for k in ("gate_proj", "up_proj", "down_proj")}  # column-parallel: rows split; row-parallel: columns
         errs = {k: rel_err(v, getattr(dense, k).weight.grad.chunk(n, d)[r]) for k, (d, v) in g.items()}
         out[name] = {"rel_err_out": rel_err(yt, y), "rel_err_grads": max(errs.values())}
         dist.print0(f"MLP TP={n} {name:>18}: output rel_err {out[name]['rel_err_out']:.1e}, "
