@@ -47,7 +47,7 @@ def parse_args(argv=None):
     ap.add_argument("--size", type=int, default=512 if small else 8192, help="M = N = K of the GEMM")
     ap.add_argument("--dtype", default="float32", help="dtype of the GEMM (bfloat16 on GPUs)")
     ap.add_argument("--placements", nargs="+", default=list(gemm.PLACEMENTS), help="placements to run")
-    ap.add_argument("--link-sizes", type=int, nargs="+", default=[2**k for k in range(10, 23, 3)],
+    ap.add_argument("--link-sizes", type=int, nargs="+", default=[2**k for k in range(10, 25, 2)],
                     help="all_reduce sizes (bytes) of the alpha-beta sweep")
     ap.add_argument("--mlp", type=int, nargs=2, default=(256, 1024), metavar=("HIDDEN", "FFN"),
                     help="width of the MLP checked under TP")
@@ -71,7 +71,7 @@ def gemm_rows(a, b, ref, link, placements, mesh1, mesh2, reps, world):
                      "dtensor_c": dt["c_placements"], "dtensor_target": dt["target"],
                      "local_flops": hand["local_flops"], "compute_s": hand["compute_s"],
                      "comm_s": hand["comm_s"], "predicted_comm_s": pred})
-        dist.print0(f"{pl:>10}: {str(hand['collective']):>14}  {hand['comm_bytes'] / 2**20:7.2f} MiB/rank  "
+        dist.print0(f"{pl + ':':<11} {str(hand['collective']):<14}  {hand['comm_bytes'] / 2**20:5.2f} MiB/rank  "
                     f"rel_err hand {rows[-1]['rel_err_hand']:.1e}  DTensor {rows[-1]['rel_err_dtensor']:.1e}  "
                     f"(C was {dt['c_placements']})")
     return rows
