@@ -31,7 +31,7 @@ def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
     if torch.compiler.is_compiling():
         from torch.distributed import _functional_collectives as fc
 
-        return fc.all_reduce(x, "sum", group)
+        return fc.all_reduce(x, "sum", group)  # (a real group: the functional form refuses None)
     x = x.contiguous().clone()
     dist.all_reduce(x, group=group)
     return x

@@ -155,7 +155,8 @@ class _ReducedLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, group):
         super().__init__()
-        self.weight, self.group = nn.Parameter(weight, requires_grad=False), group
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.group = group if group is not None else dist.group.WORLD  # compiled collectives need a real group
 
     def forward(self, x):  # the group size is > 1 (shard_lean is not asked for 1 rank): no size query here
         return comms.all_reduce_sum(F.linear(x, self.weight), self.group)
