@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--kinds", nargs="+", choices=dp.KINDS[:-1], default=["naive", "bucket", "ddp", "fsdp"])
     ap.add_argument("--steps", type=int, default=None, help=f"AdamW steps of the check ({prof.dp_steps})")
     ap.add_argument("--reps", type=int, default=None, help=f"timed steps per point ({prof.reps})")
-    ap.add_argument("--bucket-mb", type=float, default=1.0, help="gradient bucket size (MiB)")
+    ap.add_argument("--bucket-mb", type=float, default=None, help="gradient bucket size, MiB (1 on gloo, 25 nccl)")
     ap.add_argument("--big-model", default=None, help=f"preset of the FSDP2 step ({prof.fsdp_model})")
     ap.add_argument("--big-seq", type=int, default=None, help=f"tokens per row ({prof.fsdp_seq})")
     ap.add_argument("--big-batch", type=int, default=None, help=f"rows per rank ({prof.fsdp_batch})")
@@ -65,7 +65,7 @@ def sizes(args, ctx) -> dict:
             "reps": args.reps or (3 if ctx.backend == "gloo" else prof.reps),
             "big_model": args.big_model or prof.fsdp_model, "big_seq": args.big_seq or prof.fsdp_seq,
             "big_batch": args.big_batch or prof.fsdp_batch, "big_vocab": big_vocab, "profile": prof.name,
-            "bucket_bytes": int(args.bucket_mb * 2**20)}
+            "bucket_bytes": int((args.bucket_mb or (1.0 if ctx.backend == "gloo" else 25.0)) * 2**20)}
 
 
 def model(sz, ctx):
@@ -172,7 +172,7 @@ def memory(sz, ctx) -> dict:
         got = dp.rank_bytes(m.module, opt)
         if ctx.device.type == "cuda":
             got["cuda_max_allocated"] = torch.cuda.max_memory_allocated()
-        n = sum(p.numel() for p in model(sz, ctx).parameters()) if kind == "ddp" else rows["ddp"]["n_params"]
+        n = sum(p.numel() for p in m.module.parameters())  # a DTensor counts its global elements
         z = dp.zero_bytes_per_param(0 if kind == "ddp" else 3, ctx.world, param=4, grad=4, opt=8)  # fp32 + Adam
         rows[kind] = {"n_params": n, "measured": got, "predicted": {k: v * n for k, v in z.items()}}
         del m, opt
@@ -195,7 +195,7 @@ def big_step(sz, ctx, ac: bool) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     times = []
-    for _ in range(1 + max(2, sz["steps"] // 2)):
+    for _ in range(1 + 3):
         with timing.stopwatch(ctx.device) as t:
             opt.zero_grad(set_to_none=True)
             loss = pl.loss_fn(m(input_ids=x).logits, y)
@@ -229,7 +229,8 @@ def scaling(sz, ctx) -> dict:
     (global batch fixed at world x b rows) and weak (b rows per rank); all-reduce times for alpha-beta."""
     ns = [n for n in (1, 2, 4, 8, 16) if n <= ctx.world]
     groups = {n: tdist.new_group(list(range(n))) for n in ns}  # every rank creates every group, in order
-    rows, sizes = ctx.world * sz["batch"], [2**14, 2**18, 2**20, 2**22]
+    rows = ctx.world * sz["batch"]
+    sizes = [2**14, 2**18, 2**20, 2**22] if ctx.backend == "gloo" else [2**20, 2**24, 2**26, 2**28]
     out = {"ranks": ns, "strong_s": [], "weak_s": [], "allreduce": {}, "global_rows": rows,
            "rows_per_rank_weak": sz["batch"], "allreduce_bytes": sizes}
     for n in ns:
@@ -246,7 +247,8 @@ def scaling(sz, ctx) -> dict:
         if ctx.is_main:
             dist.print0(f"scaling n={n}: strong {timing.fmt_s(out['strong_s'][-1])}, "
                         f"weak {timing.fmt_s(out['weak_s'][-1])}")
-    out["grad_bytes"] = 4 * sum(p.numel() for p in model(sz, ctx).parameters())
+    out["grad_bytes"] = 4 * sum(p.numel() for p in pl.make_model(sz["model"], sz["layers"], sz["vocab"],
+                                                                  device="meta").parameters())
     return out
 
 
