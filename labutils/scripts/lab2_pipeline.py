@@ -140,6 +140,20 @@ def measure(kind: str, mods: dict, stages: list, m: int, sz: dict, steps: int, c
             "step_s": timing.stats(times).as_dict(), "events": events}
 
 
+def time_all(args, sz: dict, ctx, meta) -> list[dict]:
+    """Every schedule at every m (>= the ranks), on stages cut out of the meta model and materialised."""
+    runs = []
+    for kind in args.schedules:
+        mods, _ = make_stages(kind, meta, ctx, False, ctx.device)
+        for m in [m for m in args.microbatches if m >= ctx.world]:
+            r = measure(kind, mods, rebuild(mods, ctx, kind), m, sz, args.steps, ctx)
+            runs.append(r)
+            dist.print0(f"{kind:>11} m={m:>3}: bubble predicted {r['predicted']:.3f}, measured median "
+                        f"{r['measured']['p50']:.3f} (p20 {r['measured']['p20']:.3f}, p80 "
+                        f"{r['measured']['p80']:.3f}); step {timing.fmt_s(r['step_s']['p50'])}")
+    return runs
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     ctx = dist.init()
@@ -156,18 +170,7 @@ def main(argv=None) -> int:
         if not all(c["ok"] for c in checks):
             dist.print0(f"pipelined step differs from the unpipelined model (tolerance {TOL:g}): not timing it")
             return 1
-        meta = pl.make_model(sz["model"], sz["layers"], sz["vocab"], device="meta", dtype=dt)
-        runs = []
-        for kind in args.schedules:
-            ms = [m for m in args.microbatches if m >= ctx.world]
-            mods, _ = make_stages(kind, meta, ctx, False, ctx.device)
-            for m in ms:
-                stages = rebuild(mods, ctx, kind)
-                r = measure(kind, mods, stages, m, sz, args.steps, ctx)
-                runs.append(r)
-                dist.print0(f"{kind:>11} m={m:>3}: bubble predicted {r['predicted']:.3f}, measured median "
-                            f"{r['measured']['p50']:.3f} (p20 {r['measured']['p20']:.3f}, p80 "
-                            f"{r['measured']['p80']:.3f}); step {timing.fmt_s(r['step_s']['p50'])}")
+        runs = time_all(args, sz, ctx, pl.make_model(sz["model"], sz["layers"], sz["vocab"], device="meta", dtype=dt))
         if args.out and ctx.is_main:
             from labutils import hardware, results
 
