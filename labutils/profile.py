@@ -53,6 +53,20 @@ class Profile:
     wave_k: int = 256
     wave_n: tuple[int, int] = (64, 1024)  # ... N swept from wave_n[0] to wave_n[1] in steps of wave_n[0]
     launch_ops: int = 100  # length of the chain of tiny ops in the launch-overhead test
+    # lab2 §Pipeline, §Data parallelism, §Scaling (lab2b): the model the pipeline / DP experiments build
+    par_model: str = "mistral-tiny-small"  # preset whose shape they take (layers and vocab overridden below)
+    par_vocab: int = 1024  # vocabulary, shrunk on a CPU so that embeddings do not dominate a tiny model
+    par_seq: int = 64  # tokens per sequence
+    pp_layers: int = 8  # decoder layers of the pipelined model: 4 ranks x 2 interleaved chunks
+    pp_microbatches: tuple[int, ...] = (4, 8)  # micro-batch counts m (each micro-batch pp_mb_size rows)
+    pp_mb_size: int = 1
+    pp_steps: int = 2  # timed steps per schedule and m (median and spread of the bubble over them)
+    dp_layers: int = 2  # decoder layers of the data-parallel model
+    dp_batch: int = 2  # rows per rank (the one-rank reference runs world x this)
+    dp_steps: int = 3  # AdamW steps of the loss-curve comparison
+    fsdp_model: str = "mistral-7b-small"  # the big-model FSDP2 training step
+    fsdp_seq: int = 64
+    fsdp_batch: int = 1  # rows per rank
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -112,6 +126,19 @@ _FULL = Profile(
     wave_k=4096,
     wave_n=(128, 6912),  # a little over three waves
     launch_ops=200,
+    par_model="mistral-7b",
+    par_vocab=32000,
+    par_seq=1024,
+    pp_layers=32,
+    pp_microbatches=(4, 8, 16, 32),
+    pp_mb_size=1,
+    pp_steps=5,
+    dp_layers=4,
+    dp_batch=2,
+    dp_steps=4,
+    fsdp_model="mistral-7b",
+    fsdp_seq=4096,
+    fsdp_batch=2,
 )
 
 
