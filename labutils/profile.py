@@ -61,7 +61,7 @@ class Profile:
     ddp_batch: int = 2  # sequences per rank per step
     ddp_seq: int = 64
     ddp_bucket_mb: float = 4.0  # DDP's bucket_cap_mb (DDP's own default is 25)
-    ddp_steps: int = 5  # timed steps per configuration
+    ddp_steps: int = 3  # timed steps per configuration
     tp_model: str = "mistral-7b-small"  # lab3 §mistral-7b over 8 ranks
     tp_layers: int = 2  # 0: the preset's
     tp_vocab: int = 2048  # 0: the preset's
