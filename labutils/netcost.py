@@ -4,10 +4,9 @@
   report it); ``predict_ddp`` gives the communication time if nothing overlapped (sum over buckets of
   alpha + 2(n-1)/n * bytes * beta) and the least that must stay exposed (the last bucket, and
   whatever exceeds the backward pass it hides behind).
-- TP / DP / PP layouts of a Mistral model over two nodes: ``layout_traffic`` counts the bytes each
-  layout puts on the inter-node link per decoded token and per training step (Megatron TP: two
-  all-reduces of the activations per layer forward, two more backward; DP: one all-reduce of the
-  gradients per step; PP: the activations at a stage boundary, forward and backward).
+- TP x DP layouts of a Mistral model over nodes: ``layout_traffic`` counts the bytes each layout sends
+  per decode step and per training step, in all and across the node boundary (TP: all-reduces of the
+  activations in every layer; DP: one all-reduce of the gradients per step).
 - ``plot_ddp``: compute and exposed communication per layout, stacked, with the prediction.
 
 Used in lab3 §Networking overhead of training, §mistral-7b over 8 ranks.
@@ -40,34 +39,36 @@ def predict_ddp(bucket_bytes: Sequence[int], fit: AlphaBeta, backward_s: float |
             "exposed_min_s": exposed, "alpha_part_s": len(per) * fit.alpha_s, "group_world": fit.world}
 
 
-def _allreduce_bytes(nbytes: float, ranks: int) -> float:
-    """Bytes each rank sends in a ring all-reduce of ``nbytes``: 2(n-1)/n x nbytes."""
-    return busbw_factor("all_reduce", ranks) * nbytes if ranks > 1 else 0.0
+def layout_traffic(cfg, layout: dict, per_node: int, dtype_bytes: int, batch: int, seq: int,
+                   bwd_allreduces_per_layer: int = 5) -> dict:
+    """Bytes a layout sends per decode step (``batch`` tokens) and per training step (``batch`` x ``seq``).
 
-
-def layout_traffic(cfg, layout: dict, tokens: int, dtype_bytes: int, per_node: int) -> dict:
-    """Bytes per node that cross the inter-node link for ``tokens`` tokens (decode: 1 per sequence).
-
-    ``layout``: {"tp": T, "dp": D, "pp": P}. TP groups that span nodes (T > per_node) all-reduce the
-    hidden state (tokens x hidden) twice per layer forward; a ring over two nodes crosses the link in
-    both directions, so each node sends 2(n-1)/n x bytes x (its share of the ring's crossings) -- with
-    rings of ranks 0..T-1 the crossing carries the whole ring's per-rank volume. DP across nodes
-    all-reduces the gradients once per step; PP across nodes sends tokens x hidden per boundary.
+    ``layout`` = {"tp": T, "dp": D}, TP innermost (a TP group is T neighbouring ranks; ``per_node`` ranks per
+    node). transformers' Mistral TP plan: q/k/v/gate/up column-, o/down row-parallel, lm_head column-parallel
+    with its logits gathered. Forward: 2 all-reduces of (tokens x hidden) per layer and one all-gather of the
+    logits; backward: one all-reduce of the input gradient per column-parallel linear (q, k, v, gate, up: 5
+    per layer, each has its own DTensor input; Megatron's fused layers need 2) plus lm_head's. DP: one
+    all-reduce of each rank's gradient shard per step. Ring volumes: all-reduce 2(n-1)/n x S sent per rank,
+    all-gather (n-1)/n x S. ``total_*``: every rank's sends (every link); ``inter_*``: what crosses between
+    nodes, both directions added.
     """
-    h, layers = cfg.hidden_size, cfg.num_hidden_layers
-    tp, dp, pp = layout.get("tp", 1), layout.get("dp", 1), layout.get("pp", 1)
-    act = tokens * h * dtype_bytes
-    out = {"layout": f"TP={tp} x DP={dp} x PP={pp}", "decode_fwd_bytes": 0.0, "train_step_bytes": 0.0}
-    if tp > per_node:  # the TP ring crosses the link: every all-reduce's per-rank volume goes over it
-        fwd = 2 * layers * _allreduce_bytes(act, tp)
-        out["decode_fwd_bytes"] += fwd
-        out["train_step_bytes"] += 2 * fwd  # forward and backward
-    if dp > 1 and tp * pp <= per_node:  # replicas on different nodes: gradients cross once per step
-        params = _params(cfg) / (tp * pp)
-        out["train_step_bytes"] += _allreduce_bytes(params * dtype_bytes, dp)
-    if pp > 1 and tp <= per_node:  # one stage per node: the boundary's activations cross
-        out["decode_fwd_bytes"] += act
-        out["train_step_bytes"] += 2 * act
+    h, layers, v = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
+    tp, dp = layout.get("tp", 1), layout.get("dp", 1)
+    ar, ag = busbw_factor("all_reduce", tp), busbw_factor("all_gather", tp)
+    span = max(1, -(-tp // per_node))  # nodes one TP group spans
+    out = {"layout": f"TP={tp} x DP={dp}"}
+    for kind, tokens, fwd_only in (("decode", batch // dp, True), ("train", batch // dp * seq, False)):
+        act, logits = tokens * h * dtype_bytes, tokens * v * dtype_bytes
+        n_ar = 2 * layers + (0 if fwd_only else bwd_allreduces_per_layer * layers + 1)
+        per_rank = n_ar * ar * act + ag * logits if tp > 1 else 0.0
+        total = per_rank * tp * dp
+        inter = per_rank * span * dp if span > 1 else 0.0  # a ring over k nodes has k node-crossing edges
+        if not fwd_only and dp > 1:
+            grad = _params(cfg) * dtype_bytes / tp  # each rank's shard
+            dp_sent = busbw_factor("all_reduce", dp) * grad * tp * dp
+            total += dp_sent
+            inter += dp_sent if tp <= per_node else 0.0
+        out |= {f"total_{kind}_bytes": total, f"inter_{kind}_bytes": inter, f"tp_allreduces_{kind}": n_ar}
     return out
 
 
