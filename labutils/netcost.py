@@ -72,6 +72,18 @@ def layout_traffic(cfg, layout: dict, per_node: int, dtype_bytes: int, batch: in
     return out
 
 
+def explain_ddp(row: dict) -> str:
+    """One sentence on a ``ddp_overhead`` row: how much of the communication the backward pass hid."""
+    exposed, comm = row["ddp_s"] - row["compute_s"], row["comm_s"]
+    spread = (row["compute_p80_s"] - row["compute_p20_s"]) / row["compute_s"]
+    head = f"{row['config']} ({row['ranks']} ranks): exposed {exposed * 1e3:.3g} ms vs comm alone {comm * 1e3:.3g} ms"
+    if abs(exposed) < spread * row["compute_s"]:
+        return head + f" - within the compute time's own spread ({spread:.0%}): not readable on this run"
+    if exposed > comm:
+        return head + " - overlap cost more than it hid: communication and backward slowed each other down"
+    return head + f" - the backward pass hid {1 - exposed / comm:.0%} of the all-reduce"
+
+
 def _params(cfg) -> float:
     h, i = cfg.hidden_size, cfg.intermediate_size
     kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)

@@ -69,17 +69,18 @@ def sweep_groups(args, ctx, ranks) -> tuple[dict, list[dict]]:
     wanted = {k: v for k, v in topology.node_groups(ranks).items() if k in args.groups}
     handles = {k: (None if k == "world" else tdist.new_group(v)) for k, v in wanted.items()}  # all ranks, same order
     rows = []
-    for name, members in wanted.items():
-        if ctx.rank in members:
-            def progress(r, name=name):
-                if r["bytes"] == max(args.sizes) or r["wrong"]:
-                    dist.print0(f"  {name:>5} {r['op']:>14}: {len(args.sizes)} sizes to {r['bytes']} B, busbw "
-                                f"{r['busbw_GBps']:.3g} GB/s at {fmt_s(r['median_s'])}, wrong {r['wrong']}")
-            ops = args.world_ops if name == "world" and args.world_ops else args.ops
-            got = collectives.sweep(ops, args.sizes, getattr(torch, args.dtype), args.warmup, args.reps,
-                                    ctx=ctx, group=handles[name], on_point=progress)
-            rows += [r | {"group": name, "ranks": members} for r in got]
-        tdist.barrier()
+    for op in args.ops:  # op outer, group inner: a change of load on a shared machine hits every group alike
+        for name, members in wanted.items():
+            if name == "world" and args.world_ops and op not in args.world_ops:
+                continue
+            if ctx.rank in members:
+                got = collectives.sweep([op], args.sizes, getattr(torch, args.dtype), args.warmup, args.reps,
+                                        ctx=ctx, group=handles[name])
+                rows += [r | {"group": name, "ranks": members} for r in got]
+                r = got[-1]
+                dist.print0(f"  {name:>5} {op:>14}: {len(got)} sizes to {r['bytes']} B, busbw {r['busbw_GBps']:.3g} "
+                            f"GB/s at {fmt_s(r['median_s'])}, wrong {sum(x['wrong'] for x in got)}")
+            tdist.barrier()
     return wanted, rows
 
 
