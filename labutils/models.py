@@ -63,10 +63,11 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
            note="TinyMistral-248M: Mistral architecture at 248M parameters"),
     Preset("mistral-7b", "mistralai/Mistral-7B-v0.1", 4096, 14336, 32, 32, 8,
            note="Mistral-7B v0.1: 7.24B parameters, GQA with 8 KV heads"),
-    # small profile: same family, narrow and shallow; 8 KV heads divide every TP size used (1,2,4,8)
-    Preset("mistral-tiny-small", None, 256, 1024, 4, 8, 8, max_position_embeddings=4096,
-           note="mistral-tiny shrunk for a laptop CPU"),
-    Preset("mistral-7b-small", None, 512, 1792, 4, 8, 8, max_position_embeddings=4096,
+    # small profile: same family, narrow and shallow, with grouped-query attention like the real ones
+    # (8 heads share 4 KV heads); 8 and 4 divide every TP size the labs use on it (1, 2, 4)
+    Preset("mistral-tiny-small", None, 256, 1024, 4, 8, 4, max_position_embeddings=4096,
+           note="mistral-tiny shrunk for a laptop CPU (GQA: 8 heads, 4 KV heads)"),
+    Preset("mistral-7b-small", None, 512, 1792, 4, 8, 4, max_position_embeddings=4096,
            note="mistral-7b shape ratios (intermediate = 3.5 x hidden) shrunk for a laptop CPU"),
 ]}
 
@@ -177,7 +178,8 @@ def random_weights_dir(name: str, seed: int = 0, dtype: torch.dtype = torch.bflo
     from transformers import MistralForCausalLM
 
     p = preset(name)
-    d = cache_dir() / "models" / f"{name}-random-seed{seed}-{str(dtype).split('.')[-1]}"
+    shape = f"h{p.hidden_size}-L{p.num_hidden_layers}-H{p.num_attention_heads}-kv{p.num_key_value_heads}"
+    d = cache_dir() / "models" / f"{name}-{shape}-random-seed{seed}-{str(dtype).split('.')[-1]}"  # new shape: new dir
     if _has_weights(d):
         return d
     dev = torch.device(device) if device is not None else torch.device("cpu")
