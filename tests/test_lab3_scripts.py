@@ -54,8 +54,8 @@ def test_layout_and_tp_size_errors():
         lab3_mistral.parse_layout("tp4", 8)
     with pytest.raises(ValueError, match="write tpT or tpTxdpD"):
         lab3_mistral.parse_layout("4x2", 8)
-    with pytest.raises(ValueError, match=r"TP=8 does not divide 8 heads and 4 KV heads.*\[1, 2, 4\]"):
-        lab3_mistral.check_tp(SimpleNamespace(num_attention_heads=8, num_key_value_heads=4), 8)
+    with pytest.raises(ValueError, match=r"TP size 8 does not divide .* 8 attention heads and 4 KV heads.*\[1, 2, 4\]"):
+        lab3_mistral.check_tp_size(SimpleNamespace(num_attention_heads=8, num_key_value_heads=4), 8)
 
 
 def test_ddp_loss_and_grads_match_one_rank(tmp_path):

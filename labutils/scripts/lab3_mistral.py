@@ -1,9 +1,10 @@
 """mistral-7b over two nodes: TP inside a node x DP across nodes, vs TP across both; decode and training.
 
 For every layout (``--layouts``, e.g. ``tp4xdp2 tp8`` on 8 ranks, ``tp2xdp2 tp4`` on 4):
-1. the model is loaded with transformers' own tensor parallelism (``DistributedConfig(tp_size=T)`` on a
-   (dp, tp) DeviceMesh, tp innermost so that a TP group is one node's ranks when T = ranks per node);
-   TP must divide the heads and the KV heads (checked first, with the sizes that would work);
+1. the model is loaded with transformers' own tensor parallelism through lab2's
+   ``labutils.parallel.tensor.load_hf_tp`` (``DistributedConfig(tp_size=T)`` on a (dp, tp) DeviceMesh, tp
+   innermost, so that a TP group is one node's ranks when T = ranks per node); TP must divide the heads
+   and the KV heads (``check_tp_size``, first, with the sizes that would work);
 2. check: the last-position logits of every DP replica against TP = 1 (rank 0 alone, same weights,
    same input), by relative error, before anything is timed;
 3. decode: greedy ``generate`` of ``--new-tokens`` tokens per sequence (prefill timed apart), tokens/s
@@ -46,6 +47,7 @@ import torch
 import torch.distributed as tdist
 
 from labutils import dist, netcost, profile, timing, topology
+from labutils.parallel.tensor import check_tp_size, load_hf_tp
 
 TOL = {"float32": 1e-3, "bfloat16": 5e-2}  # logits rel err a correct TP layout stays under
 
@@ -78,14 +80,6 @@ def parse_layout(text: str, world: int) -> dict:
         raise ValueError(f"layout {text!r} needs tp*dp = {tp * dp} ranks, the job has {world}: "
                          f"use e.g. tp{world} or tp{world // 2}xdp2")
     return {"name": text, "tp": tp, "dp": dp}
-
-
-def check_tp(cfg, tp: int) -> None:
-    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    if heads % tp or kv % tp:
-        ok = [d for d in range(1, heads + 1) if heads % d == 0 and kv % d == 0]
-        raise ValueError(f"TP={tp} does not divide {heads} heads and {kv} KV heads (each rank owns whole heads): "
-                         f"use TP in {ok}, or a model with more KV heads")
 
 
 def save_weights(args, ctx, p) -> Path:
@@ -126,16 +120,12 @@ def reference_logits(path, args, ctx, vocab) -> torch.Tensor:
 
 
 def load_layout(path, layout, args, ctx):
-    from torch.distributed.device_mesh import init_device_mesh
-    from transformers import AutoModelForCausalLM
-    from transformers.distributed import DistributedConfig
-
+    """The model under transformers' TP (lab2's ``load_hf_tp``: a (dp, tp) mesh, tp innermost) and this
+    rank's DP group (the ranks holding the same TP shard in the other replicas), or None at DP = 1."""
     tp, dp = layout["tp"], layout["dp"]
-    mesh = init_device_mesh(ctx.device.type, (dp, tp), mesh_dim_names=("dp", "tp"))
-    cfg = DistributedConfig(tp_size=tp, fsdp_size=dp)  # fsdp_size only to pass tp*fsdp == world: no FSDP applied
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype), distributed_config=cfg,
-                                                 device_mesh=mesh)
-    return model, mesh
+    model = load_hf_tp(str(path), tp, dtype=getattr(torch, args.dtype))
+    groups = [tdist.new_group([i + tp * d for d in range(dp)]) for i in range(tp)] if dp > 1 else [None] * tp
+    return model, ctx.rank // tp, groups[ctx.rank % tp]
 
 
 def tx_bytes() -> int:
@@ -163,8 +153,7 @@ def slowest(x: float, ctx) -> float:
 
 
 def run_layout(layout, path, ref, args, ctx, p, per_node: int) -> dict:
-    model, mesh = load_layout(path, layout, args, ctx)
-    d, dp_group = mesh["dp"].get_local_rank(), mesh["dp"].get_group()
+    model, d, dp_group = load_layout(path, layout, args, ctx)
     ids = replica_batch(d, args, layout, p.vocab_size, ctx.device)
     per = ids.shape[0]
     with torch.no_grad():
@@ -216,7 +205,7 @@ def main(argv=None) -> int:
         p = netcost.shrunk(args.model, args.layers, args.vocab)
         layouts = [parse_layout(n, ctx.world) for n in names]
         for lay in layouts:
-            check_tp(p, lay["tp"])
+            check_tp_size(p, lay["tp"])
         dist.print0(f"lab3_mistral: world={ctx.world} ({per_node} per node) backend={ctx.backend} {p.name} "
                     f"({p.num_hidden_layers} layers, vocab {p.vocab_size}, {args.dtype}); layouts {names}; "
                     f"NCCL_HOSTID={hostid or 'unset'}")
