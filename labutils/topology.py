@@ -58,8 +58,8 @@ def nccl_debug_env(log_dir: str | os.PathLike) -> dict:
 
 def own_log(log_dir: str | os.PathLike) -> str:
     """This process's NCCL log text ('' when NCCL wrote none, e.g. under gloo)."""
-    p = Path(log_dir) / f"nccl.{socket.gethostname()}.{os.getpid()}.log"
-    return p.read_text(errors="replace") if p.exists() else ""
+    found = sorted(Path(log_dir).glob(f"nccl.*.{os.getpid()}.log"))  # NCCL's %h may cut the name at a dot
+    return "".join(p.read_text(errors="replace") for p in found)
 
 
 def transport_family(via: str) -> str:
