@@ -22,6 +22,12 @@ import torch.distributed as dist
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     if dist.get_world_size(group) == 1:
         return x
+    return all_reduce_sum(x, group)
+
+
+def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
+    """A summed copy of ``x`` over ``group``: the functional (traceable) collective when compiled, so a
+    compiled decode step with CUDA graphs keeps it inside the graph; the ordinary one eagerly."""
     if torch.compiler.is_compiling():
         from torch.distributed import _functional_collectives as fc
 

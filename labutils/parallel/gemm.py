@@ -160,7 +160,9 @@ def fit_alpha_beta(points: list[tuple[float, float]]) -> dict:
     if len(x) < 2 or np.ptp(x) == 0:
         raise ValueError("fit_alpha_beta needs at least two points of different sizes")
     slope, alpha = np.polyfit(x, y, 1)
-    slope = max(slope, 1e-15)
+    if slope <= 0:  # time did not grow with size: noise swamped the sweep (a loaded box, too small sizes)
+        return {"alpha_s": float(np.median(y)), "beta_Bps": float("inf"), "points": len(x),
+                "note": "time did not grow with size: beta not measurable here (sweep larger sizes)"}
     return {"alpha_s": max(float(alpha), 0.0), "beta_Bps": float(1 / slope), "points": len(x)}
 
 
@@ -188,3 +190,26 @@ def predict_comm_s(placement: str, m: int, n_: int, elem: int, n: int, alpha_s: 
         return 0.0
     latency = alpha_s if op == "all_reduce" else alpha_s / 2
     return latency + comm_bytes(placement, m, n_, elem, n) / beta_Bps
+
+
+def table_rows(rec: dict) -> list[dict]:
+    """The rows of lab2_shard's GEMM record for a notebook table (ms, MiB)."""
+    return [{"placement": r["placement"], "collective": r["collective"], "MiB/rank": r["comm_bytes"] / 2**20,
+             "rel_err hand": r["rel_err_hand"], "rel_err DTensor": r["rel_err_dtensor"],
+             "compute ms": r["compute_s"] * 1e3, "comm ms": r["comm_s"] * 1e3,
+             "predicted comm ms": r["predicted_comm_s"] * 1e3} for r in rec["gemm"]]
+
+
+def plot(rec: dict, title: str):
+    """Compute, communication and predicted communication per placement, side by side."""
+    from .. import plots
+
+    rows = table_rows(rec)
+    fig, ax = plots.figure(title, "placement", "ms (median, slowest rank)", logy=True)
+    x = np.arange(len(rows))
+    for i, (k, c) in enumerate((("compute ms", "tab:blue"), ("comm ms", "tab:orange"),
+                                ("predicted comm ms", "tab:gray"))):
+        ax.bar(x + (i - 1) * 0.27, [max(r[k], 1e-4) for r in rows], 0.27, label=k.replace(" ms", ""), color=c)
+    ax.set_xticks(x, [r["placement"] for r in rows])
+    ax.legend()
+    return fig

@@ -252,3 +252,18 @@ def oom_boundary(name: str, seq: int, device, dtype=torch.bfloat16, start: int =
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return {"largest_batch": lo, "seq": seq}
+
+
+def predict_step(name: str, batch: int, seq: int, dtype_bytes: int, flash: bool) -> dict:
+    """What ``measure_training_step`` should find: plain AdamW keeps 2 moments in the parameters' dtype."""
+    s = shape(name)
+    act = activation_bytes(s, batch * seq, seq, dtype_bytes, flash=flash) + logits_bytes(s, batch * seq)
+    out = {"params": s.n_params * dtype_bytes, "grads": s.n_params * dtype_bytes,
+           "optimizer": 2 * s.n_params * dtype_bytes, "activations_saved": act}
+    return out | {"peak": sum(out.values())}
+
+
+def compare_rows(pred: dict, measured: dict) -> list[dict]:
+    """Predicted beside measured, in MB, one row per kind of memory."""
+    return [{"what": k if k != "peak" else f"peak ({measured['how']})", "predicted MB": v / 1e6,
+             "measured MB": measured[k] / 1e6, "measured / predicted": measured[k] / v} for k, v in pred.items()]

@@ -157,8 +157,8 @@ class _ReducedLinear(nn.Module):
         super().__init__()
         self.weight, self.group = nn.Parameter(weight, requires_grad=False), group
 
-    def forward(self, x):
-        return comms._all_reduce(F.linear(x, self.weight), self.group)
+    def forward(self, x):  # the group size is > 1 (shard_lean is not asked for 1 rank): no size query here
+        return comms.all_reduce_sum(F.linear(x, self.weight), self.group)
 
 
 def _rows(w: torch.Tensor, sizes: list[int], n: int, r: int) -> torch.Tensor:
@@ -183,3 +183,13 @@ def shard_lean(model, group):
         b.c = small
     model.c = small
     return model
+
+
+def decode_rows(rec: dict) -> list[dict]:
+    """lab2_decode's layouts as table rows: tokens/s, latency, prefill, memory, speed-up vs TP=1."""
+    base = {x["batch"]: x["tok_s"] for x in rec["decode"][0]["runs"]}
+    return [{"layout": r["layout"], "batch": x["batch"], "logits rel_err": r["rel_err"], "tok/s": x["tok_s"],
+             "vs TP=1": x["tok_s"] / base[x["batch"]], "ms/token p50": x["itl_p50_s"] * 1e3,
+             "p20-p80 ms": f"{x['itl_p20_s'] * 1e3:.3g}-{x['itl_p80_s'] * 1e3:.3g}",
+             "prefill ms": x["prefill_s"] * 1e3, "MB/device": r["max_bytes_per_device"] / 1e6}
+            for r in rec["decode"] for x in r["runs"]]

@@ -26,6 +26,7 @@ Used in lab2 §Tensor parallelism and §mistral-7b across 4 devices.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 from pathlib import Path
@@ -38,8 +39,15 @@ from labutils.parallel import comms, memory, tensor
 from labutils.timing import rel_err
 
 
+def _profile():
+    """The profile's sizes - but gloo CPU ranks standing in for GPUs always run the small ones."""
+    if os.environ.get("SMML_DIST_BACKEND") == "gloo" or not torch.cuda.is_available():
+        return profile.get("small")
+    return profile.get()
+
+
 def parse_args(argv=None):
-    prof = profile.get()
+    prof = _profile()
     small = prof.name == "small"
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -63,8 +71,8 @@ def weights_dir(name: str, dtype, ctx) -> str:
     found = models.find_weights(name, allow_hub=False)
     if found:
         return found[1]
-    if ctx.is_main:
-        models.random_weights_dir(name, dtype=dtype)
+    if ctx.is_main:  # one writer (concurrent builds of the same folder race)
+        models.random_weights_dir(name, dtype=dtype, device=ctx.device)
     tdist.barrier()
     return str(models.random_weights_dir(name, dtype=dtype))
 
@@ -183,16 +191,18 @@ def run_layout(kind, k, a, path, dt, ctx, check) -> dict | None:
     group = tdist.new_group(list(range(k))) if k > 1 else None  # every rank takes part in new_group
     result = None
     if ctx.rank < k:
-        if ctx.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(ctx.device)
         m = lean_model(path, dt, ctx.device)
         if kind == "tp" and k > 1:
             tensor.shard_lean(m, group)
+        if kind == "pp":
+            pp_stage(m, ctx.rank, k)
+        if ctx.device.type == "cuda":  # the peak from here on: this rank's share, its caches, the decode
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(ctx.device)
         compiled = a.compile == "on" or (a.compile == "auto" and ctx.device.type == "cuda")
         make = (lambda B: PPStepper(m, B, a.prompt + a.new_tokens, ctx.rank, k)) if kind == "pp" else \
             (lambda B: decode.LeanStepper(m, B, a.prompt + a.new_tokens, compile=compiled))
-        if kind == "pp":
-            pp_stage(m, ctx.rank, k)
         prompt, forced, ref, tol = check
         logits = decode.teacher_forced(make(prompt.shape[0]), prompt, forced)
         err = rel_err(logits, ref) if ctx.rank == 0 else 0.0
@@ -215,7 +225,9 @@ def run_layout(kind, k, a, path, dt, ctx, check) -> dict | None:
 def main(argv=None):
     a = parse_args(argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    ctx = dist.init()
+    ctx = dist.init(timeout_s=1800.0)  # idle ranks wait while rank 0 loads and compiles alone (TP=1)
+    if ctx.backend == "gloo" and profile.get().name == "full":
+        dist.print0("gloo CPU ranks stand in for GPUs here: running the small profile's sizes")
     import transformers
 
     transformers.utils.logging.disable_progress_bar()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -32,14 +33,21 @@ from labutils.parallel import gemm, tensor
 from labutils.timing import rel_err
 
 
+def _profile():
+    """The profile's sizes - but gloo CPU ranks standing in for GPUs always run the small ones."""
+    if os.environ.get("SMML_DIST_BACKEND") == "gloo" or not torch.cuda.is_available():
+        return profile.get("small")
+    return profile.get()
+
+
 def parse_args(argv=None):
-    small = profile.get().name == "small"
+    small = _profile().name == "small"
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--size", type=int, default=512 if small else 8192, help="M = N = K of the GEMM")
     ap.add_argument("--dtype", default="float32", help="dtype of the GEMM (bfloat16 on GPUs)")
     ap.add_argument("--placements", nargs="+", default=list(gemm.PLACEMENTS), help="placements to run")
-    ap.add_argument("--link-sizes", type=int, nargs="+", default=[2**k for k in range(10, 23, 3)],
+    ap.add_argument("--link-sizes", type=int, nargs="+", default=[2**k for k in range(10, 25, 2)],
                     help="all_reduce sizes (bytes) of the alpha-beta sweep")
     ap.add_argument("--mlp", type=int, nargs=2, default=(256, 1024), metavar=("HIDDEN", "FFN"),
                     help="width of the MLP checked under TP")
@@ -63,7 +71,7 @@ def gemm_rows(a, b, ref, link, placements, mesh1, mesh2, reps, world):
                      "dtensor_c": dt["c_placements"], "dtensor_target": dt["target"],
                      "local_flops": hand["local_flops"], "compute_s": hand["compute_s"],
                      "comm_s": hand["comm_s"], "predicted_comm_s": pred})
-        dist.print0(f"{pl:>10}: {str(hand['collective']):>14}  {hand['comm_bytes'] / 2**20:7.2f} MiB/rank  "
+        dist.print0(f"{pl + ':':<11} {str(hand['collective']):<14}  {hand['comm_bytes'] / 2**20:5.2f} MiB/rank  "
                     f"rel_err hand {rows[-1]['rel_err_hand']:.1e}  DTensor {rows[-1]['rel_err_dtensor']:.1e}  "
                     f"(C was {dt['c_placements']})")
     return rows
@@ -96,6 +104,8 @@ def mlp_check(hidden, ffn, ctx, mesh1) -> dict:
 def main(argv=None):
     a = parse_args(argv)
     ctx = dist.init()
+    if ctx.backend == "gloo" and profile.get().name == "full":
+        dist.print0("gloo CPU ranks stand in for GPUs here: running the small profile's sizes")
     from torch.distributed.device_mesh import init_device_mesh
 
     dev, world = ctx.device, ctx.world
