@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 import torch.distributed as tdist
 
-from labutils import dist, netcost, profile, timing, topology
+from labutils import dist, models, netcost, profile, timing, topology
 from labutils.parallel.tensor import check_tp_size, load_hf_tp
 
 TOL = {"float32": 1e-3, "bfloat16": 5e-2}  # logits rel err a correct TP layout stays under
@@ -83,17 +83,25 @@ def parse_layout(text: str, world: int) -> dict:
 
 
 def save_weights(args, ctx, p) -> Path:
-    """Rank 0 builds seeded random weights and saves them; every rank loads them through from_pretrained."""
+    """Rank 0 builds seeded random weights (on its device) and saves them; every rank loads them back
+    through from_pretrained. The preset's own shape is the cached ``models.random_weights_dir``."""
     from transformers import MistralForCausalLM
 
-    root = Path(tempfile.gettempdir()) / f"smml-lab3-{p.name}-l{p.num_hidden_layers}-v{p.vocab_size}-{args.dtype}"
-    if ctx.is_main and not (root / "config.json").exists():
+    dtype = getattr(torch, args.dtype)
+    shape = f"h{p.hidden_size}-L{p.num_hidden_layers}-H{p.num_attention_heads}-kv{p.num_key_value_heads}"
+    root = Path(tempfile.gettempdir()) / f"smml-lab3-{p.name}-{shape}-v{p.vocab_size}-{args.dtype}"
+    if p == models.preset(p.name):
+        root = models.random_weights_dir(p.name, 0, dtype, ctx.device) if ctx.is_main else None
+    elif ctx.is_main and not (root / "config.json").exists():
         torch.manual_seed(0)
-        tmp = root.with_name(root.name + f".tmp{ctx.rank}")
-        MistralForCausalLM(p.config()).to(getattr(torch, args.dtype)).save_pretrained(tmp)
+        with torch.device(ctx.device):
+            model = MistralForCausalLM(p.config()).to(dtype)
+        tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
+        model.save_pretrained(tmp)
         tmp.rename(root)
-    tdist.barrier()
-    return root
+    where = [str(root)]
+    tdist.broadcast_object_list(where, src=0)
+    return Path(where[0])
 
 
 def replica_batch(d: int, args, layout, vocab: int, device) -> torch.Tensor:
@@ -152,6 +160,25 @@ def slowest(x: float, ctx) -> float:
     return float(t.item())
 
 
+def train_step(model, ids, dp: int, dp_group):
+    """forward + backward + SGD; with DP > 1 each rank's local gradient shard is averaged over its replicas
+    (one flat all-reduce across the nodes), as DDP would."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-5)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        if dp > 1:
+            grads = [(q.grad.to_local() if hasattr(q.grad, "to_local") else q.grad) for q in model.parameters()]
+            flat = torch.cat([g.flatten() for g in grads])
+            tdist.all_reduce(flat, group=dp_group)
+            for g, part in zip(grads, flat.div_(dp).split([g.numel() for g in grads])):
+                g.copy_(part.view_as(g))
+        opt.step()
+
+    return step
+
+
 def run_layout(layout, path, ref, args, ctx, p, per_node: int) -> dict:
     model, d, dp_group = load_layout(path, layout, args, ctx)
     ids = replica_batch(d, args, layout, p.vocab_size, ctx.device)
@@ -168,19 +195,7 @@ def run_layout(layout, path, ref, args, ctx, p, per_node: int) -> dict:
         full, dec_bytes = timed(lambda: model.generate(ids, max_new_tokens=args.new_tokens,
                                                        min_new_tokens=args.new_tokens, **gen), args, ctx)
     model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-5)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        model(input_ids=ids, labels=ids).loss.backward()
-        if layout["dp"] > 1:  # DP across nodes: every rank's local gradient shard, averaged over its replicas
-            grads = [(p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad) for p in model.parameters()]
-            flat = torch.cat([g.flatten() for g in grads])
-            tdist.all_reduce(flat, group=dp_group)
-            for g, part in zip(grads, flat.div_(layout["dp"]).split([g.numel() for g in grads])):
-                g.copy_(part.view_as(g))
-        opt.step()
-
+    step = train_step(model, ids, layout["dp"], dp_group)
     train, train_bytes = timed(step, args, ctx)
     t_dec = slowest(max(full.median_s - prefill.median_s, 1e-9), ctx)
     t_train = slowest(train.median_s, ctx)
