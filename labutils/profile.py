@@ -67,6 +67,21 @@ class Profile:
     fsdp_model: str = "mistral-7b-small"  # the big-model FSDP2 training step
     fsdp_seq: int = 64
     fsdp_batch: int = 1  # rows per rank
+    # lab3 part a (two nodes on one host, collectives, networking overhead, mistral-7b over 8 ranks)
+    lab3_collective_bytes: tuple[int, ...] = tuple(4**k for k in range(5, 13))  # 1 KiB .. 16 MiB, x4
+    ddp_model: str = "mistral-tiny-small"  # the DDP overhead's model (shrunk below on the CPU)
+    ddp_layers: int = 2  # 0: the preset's
+    ddp_vocab: int = 2048  # 0: the preset's (32000 would make the CPU's gradients 4x larger)
+    ddp_batch: int = 2  # sequences per rank per step
+    ddp_seq: int = 64
+    ddp_bucket_mb: float = 4.0  # DDP's bucket_cap_mb (DDP's own default is 25)
+    ddp_steps: int = 3  # timed steps per configuration
+    tp_model: str = "mistral-7b-small"  # lab3 §mistral-7b over 8 ranks
+    tp_layers: int = 2  # 0: the preset's
+    tp_vocab: int = 2048  # 0: the preset's
+    tp_batch: int = 2
+    tp_seq: int = 32
+    tp_new_tokens: int = 8
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -139,6 +154,20 @@ _FULL = Profile(
     fsdp_model="mistral-7b",
     fsdp_seq=4096,
     fsdp_batch=2,
+    lab3_collective_bytes=tuple(4**k for k in range(5, 16)),  # 1 KiB .. 1 GiB, x4
+    ddp_model="mistral-tiny",
+    ddp_layers=0,
+    ddp_vocab=0,
+    ddp_batch=8,
+    ddp_seq=1024,
+    ddp_bucket_mb=25.0,
+    ddp_steps=20,
+    tp_model="mistral-7b",
+    tp_layers=0,
+    tp_vocab=0,
+    tp_batch=8,
+    tp_seq=512,
+    tp_new_tokens=64,
 )
 
 

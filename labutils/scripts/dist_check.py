@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch.distributed as tdist
 
-from labutils import dist, profile
+from labutils import collectives, dist, profile
 from labutils.timing import fmt_s
 
 
@@ -49,8 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--timeout", type=float, default=120.0, help="collective timeout in seconds")
     ap.add_argument("--check-bytes", type=int, default=2**20, help="size of the all_reduce check")
     ap.add_argument("--sweep", action="store_true", help="also check and time every collective")
-    ap.add_argument("--ops", nargs="+", choices=dist.OPS, default=list(dist.OPS), metavar="OP",
-                    help=f"collectives to sweep, of: {', '.join(dist.OPS)}")
+    ap.add_argument("--ops", nargs="+", choices=collectives.OPS, default=list(collectives.OPS), metavar="OP",
+                    help=f"collectives to sweep, of: {', '.join(collectives.OPS)}")
     ap.add_argument("--sizes", nargs="+", type=int, default=list(prof.collective_bytes),
                     help=f"bytes per collective (profile {prof.name})")
     ap.add_argument("--warmup", type=int, default=prof.warmup, help="untimed calls per point")
@@ -110,9 +110,10 @@ def main(argv=None) -> int:
         for r in ranks:
             dist.print0(f"  rank {r['rank']}: node {r['node']} local_rank {r['local_rank']} "
                         f"{r['device']} on {r['host']}")
-        check = dist.check_collective("all_reduce", args.check_bytes, ctx=ctx)
+        check = collectives.check_collective("all_reduce", args.check_bytes, ctx=ctx)
         dist.print0(f"all_reduce check: {check['wrong']} wrong of {check['count']} elements x {ctx.world} ranks")
-        rows = dist.sweep(args.ops, args.sizes, warmup=args.warmup, reps=args.reps, ctx=ctx) if args.sweep else []
+        rows = (collectives.sweep(args.ops, args.sizes, warmup=args.warmup, reps=args.reps, ctx=ctx)
+                if args.sweep else [])
         if rows:
             report_sweep(rows)
         wrong = check["wrong"] + sum(r["wrong"] for r in rows)
