@@ -53,6 +53,14 @@ class Profile:
     wave_k: int = 256
     wave_n: tuple[int, int] = (64, 1024)  # ... N swept from wave_n[0] to wave_n[1] in steps of wave_n[0]
     launch_ops: int = 100  # length of the chain of tiny ops in the launch-overhead test
+    # lab3 §Orchestrators and §Fault tolerance (lab3b): labutils/scripts/train.py's model and run
+    train_model: str = "mistral-tiny-small"  # a labutils.models preset ...
+    train_vocab: int = 1024  # ... with this many token ids (embedding and head rows) ...
+    train_layers: int = 2  # ... and this many decoder layers
+    train_seq: int = 64  # tokens per sequence
+    train_batch: int = 2  # sequences per rank and step
+    train_steps: int = 8
+    train_ckpt_every: int = 2  # steps between checkpoints
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -112,6 +120,13 @@ _FULL = Profile(
     wave_k=4096,
     wave_n=(128, 6912),  # a little over three waves
     launch_ops=200,
+    train_model="mistral-tiny",
+    train_vocab=32000,
+    train_layers=12,
+    train_seq=1024,
+    train_batch=8,
+    train_steps=60,
+    train_ckpt_every=10,
 )
 
 
