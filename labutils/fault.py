@@ -95,9 +95,13 @@ def timeline(output: str) -> Timeline:
     return Timeline([attempts[k] for k in sorted(attempts)], crash, final)
 
 
-def recovery(tl: Timeline, crash_t: float | None = None) -> dict:
-    """Seconds from the crash to the first step of the restarted attempt, and where they went."""
-    t_crash = crash_t if crash_t is not None else (tl.crash or {}).get("t")
+def recovery(tl: Timeline, crash: dict | None = None) -> dict:
+    """Seconds from the crash to the first step of the restarted attempt, and where they went.
+
+    ``crash``: {"step", "t"} of an external kill (``KillAt.killed``); default: the output's CRASH line.
+    """
+    crash = crash or tl.crash or {}
+    t_crash = crash.get("t")
     after = [a for a in tl.attempts if a.number > 0]
     if t_crash is None or not after or not after[0].steps:
         raise ValueError("no crash and restart in this output: run with max_restarts >= 1 and a crash "
@@ -107,7 +111,7 @@ def recovery(tl: Timeline, crash_t: float | None = None) -> dict:
     started = min(r["t"] - r["import_s"] for r in a.ready.values())
     first = a.steps[min(a.steps)][1]
     loaded = a.resumed_t if a.resumed_t is not None else ready
-    lost = (tl.crash or {}).get("step", 1) - 1 - (a.resumed_from or 0)  # done before the crash, redone after
+    lost = crash.get("step", 1) - 1 - (a.resumed_from or 0)  # done before the crash, redone after
     return {"crash_to_first_step_s": first - t_crash, "stop_and_restart_s": started - t_crash,
             "imports_s": ready - started, "init_build_load_s": loaded - ready, "first_step_s": first - loaded,
             "resumed_from_step": a.resumed_from, "redone_steps": lost}
