@@ -158,16 +158,18 @@ class TrainRun:
     cmd: str
 
 
-def explain(text: str) -> str | None:
+def explain(text: str, cmd: str = "") -> str | None:
     """What a failed training job's output means, in plain words, with the fix; None if unknown."""
     if m := re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", text):
         return (f"rank(s) {m.group(1).strip()} stopped answering (hung or dead) while the others waited at the "
                 f"step heartbeat: look at that rank's last lines; raise --heartbeat-s if its steps are just slow")
     if "CRASH rank=" in text and "exitcode: -9" in text:
         return "a worker was killed (SIGKILL) and no restart was allowed: pass max_restarts >= 1 to resume"
-    if "RendezvousTimeoutError" in text or "rendezvous did not complete" in text.lower():
-        return ("not every node joined the rendezvous in time: the job expects --nnodes agents at the same "
-                "--rdzv-endpoint and --rdzv-id; start the missing node(s), or lower --nnodes to what exists")
+    if "RendezvousTimeoutError" in text:
+        m = re.search(r"--nnodes (\S+)", cmd)
+        n = f"{m.group(1)} nodes (--nnodes {m.group(1)})" if m else "--nnodes nodes"
+        return (f"not every node joined the rendezvous in time: the job expects {n}, each an agent at the same "
+                f"--rdzv-endpoint and --rdzv-id; start the missing node(s), or lower --nnodes to what exists")
     if "connectFullMesh" in text:
         return ("the restarted workers could not reconnect (gloo connectFullMesh, pytorch issue #135712): set "
                 "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in the job's environment")
@@ -194,7 +196,7 @@ def run_train(args: Sequence = (), *, nproc: int = 2, nodes: int = 1, env: dict 
                 r = launch.run(SCRIPT, full_args, nproc=nproc, env=job_env, timeout=timeout, stream=stream,
                                on_line=on_line, max_restarts=max_restarts, **launch_kw)
         except launch.LaunchError as e:
-            why = explain(e.output + "\n" + str(e))
+            why = explain(e.output + "\n" + str(e), e.cmd)
             raise DrillError(f"{why}\n{e}" if why else str(e), cmd=e.cmd, returncode=e.returncode,
                              output=e.output, tail=e.tail) from None
         record = json.loads(out.read_text())
