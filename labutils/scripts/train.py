@@ -231,6 +231,8 @@ def main(argv=None) -> int:
     if args.exit_before_init is not None and int(os.environ.get("RANK", 0)) == args.exit_before_init:
         print(f"rank {args.exit_before_init}: --exit-before-init, exiting with code 4", flush=True)
         return 4
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (before CUDA starts)
+    torch.use_deterministic_algorithms(True, warn_only=True)  # so that a resumed run can match bit for bit
     ctx = dist.init(timeout_s=args.timeout)
     print(f"READY rank={ctx.rank} world={ctx.world} node={os.environ.get('GROUP_RANK', 0)} "
           f"local_rank={ctx.local_rank} pid={os.getpid()} attempt={attempt()} backend={ctx.backend} "

@@ -27,6 +27,8 @@ Used in lab3 §Orchestrators.
 
 from __future__ import annotations
 
+import atexit
+import ctypes
 import os
 import pwd
 import shutil
@@ -128,6 +130,7 @@ class LocalSlurm:
         t0 = time.monotonic()
         if self.scratch is None:
             self.scratch = Path(tempfile.mkdtemp(prefix="smml-slurm-"))
+        atexit.register(self.stop)  # a notebook kernel that exits still stops the cluster
         try:
             self._write_config()
             self._start_munge()
@@ -175,7 +178,8 @@ class LocalSlurm:
     def _spawn(self, name: str, cmd: list[str], **kw) -> None:
         log = open(self.scratch / "log" / f"{name}.console", "wb")  # noqa: SIM115 - closed by the child's exit
         self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env=self.env(), start_new_session=True, **kw)
+                                            env=self.env(), start_new_session=True, preexec_fn=_die_with_parent,
+                                            **kw)
         log.close()
 
     def _poll(self, ok, what: str) -> None:
@@ -286,6 +290,11 @@ class LocalSlurm:
             except OSError:
                 pass
         return found
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the process that started us dies (even by SIGKILL)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _kill(pid: int, sig: int) -> None:
