@@ -31,6 +31,7 @@ import atexit
 import ctypes
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -155,7 +156,7 @@ class LocalSlurm:
         self.proctrack = track
         text = (HERE / "local" / "slurm.conf.in").read_text()
         for k, v in {"SCRATCH": s, "CTLD_PORT": ctld, "NODE_PORTS": f"{n1}-{n2}",
-                     "PROCTRACK": f"proctrack/{track}"}.items():
+                     "PROCTRACK": f"proctrack/{track}", "FIRST_JOB_ID": random.randrange(1000, 9_000_000)}.items():
             text = text.replace(f"@{k}@", str(v))
         self.conf.write_text(text)
         shutil.copy(HERE / "local" / "gres.conf", s / "gres.conf")
