@@ -82,6 +82,14 @@ class Profile:
     tp_batch: int = 2
     tp_seq: int = 32
     tp_new_tokens: int = 8
+    # lab3 §Orchestrators and §Fault tolerance (lab3b): labutils/scripts/train.py's model and run
+    train_model: str = "mistral-tiny-small"  # a labutils.models preset ...
+    train_vocab: int = 1024  # ... with this many token ids (embedding and head rows) ...
+    train_layers: int = 2  # ... and this many decoder layers
+    train_seq: int = 64  # tokens per sequence
+    train_batch: int = 2  # sequences per rank and step
+    train_steps: int = 8
+    train_ckpt_every: int = 2  # steps between checkpoints
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -168,6 +176,13 @@ _FULL = Profile(
     tp_batch=8,
     tp_seq=512,
     tp_new_tokens=64,
+    train_model="mistral-tiny",
+    train_vocab=32000,
+    train_layers=12,
+    train_seq=1024,
+    train_batch=8,
+    train_steps=60,
+    train_ckpt_every=10,
 )
 
 

@@ -1,0 +1,75 @@
+"""A real two-node Slurm on this host (launch/slurm/local_cluster.py) runs the lab's own sbatch file.
+
+Skipped, with the reason, where Slurm is not installed or we are not root (.ci/run installs it).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from labutils import launch
+
+REPO = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("local_cluster", REPO / "launch/slurm/local_cluster.py")
+local_cluster = sys.modules.setdefault("local_cluster", importlib.util.module_from_spec(_spec))
+_spec.loader.exec_module(local_cluster)
+
+WHY = local_cluster.unavailable()
+pytestmark = pytest.mark.skipif(WHY is not None, reason=f"NOT RUN (real-Slurm test): {WHY}")
+ENV = {"NPROC_PER_NODE": "2", "SMML_DIST_BACKEND": "gloo", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = local_cluster.LocalSlurm()
+    c.start()
+    scratch, marker = c.scratch, f"{local_cluster.MARKER}={c.scratch}"
+    yield c
+    c.stop()
+    assert not scratch.exists(), "the scratch folder was left behind"
+    left = [p.parent.name for p in Path("/proc").glob("[0-9]*/environ")
+            if _has(p, marker.encode())]
+    assert left == [], f"processes of the local cluster still alive after stop(): {left}"
+
+
+def _has(environ: Path, needle: bytes) -> bool:
+    try:
+        return needle in environ.read_bytes().split(b"\0")
+    except OSError:
+        return False
+
+
+def test_both_nodes_idle(cluster):
+    info = cluster.sinfo()
+    assert "node1 idle" in info and "node2 idle" in info, info
+
+
+def test_lab_sbatch_trains_on_two_nodes(cluster):
+    out = cluster.scratch / "jobs" / "train.json"
+    job = cluster.submit(REPO / "launch/slurm/train.sbatch", "--steps", "3", "--out", str(out),
+                         env=ENV | {"RDZV_PORT": str(launch.free_port())})
+    r = cluster.wait(job, timeout=900)
+    assert r.state == "COMPLETED", f"job {job} {r.state} ({r.exit_code}):\n{r.output[-3000:]}"
+    assert "world 4 ranks on 2 node(s); all_reduce sum 10 (expected 10): ok" in r.output
+    rec = json.loads(out.read_text())
+    assert rec["world"] == 4 and rec["nodes"] == 2 and rec["allreduce_ok"]
+    assert sorted((x["node"], x["local_rank"]) for x in rec["layout"]) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert math.isfinite(rec["final_loss"]) and f"final_loss={rec['final_loss']!r}" in r.output
+
+
+def test_a_lost_rank_fails_the_job(cluster):
+    """Rank 3 (node 2) SIGKILLs itself: the job ends FAILED with that rank named, not a hang."""
+    job = cluster.submit(REPO / "launch/slurm/train.sbatch", "--steps", "3", "--crash-at-step", "2",
+                         "--crash-rank", "3", env=ENV | {"RDZV_PORT": str(launch.free_port())})
+    r = cluster.wait(job, timeout=900)
+    assert r.state == "FAILED", f"job {job} {r.state} ({r.exit_code}):\n{r.output[-3000:]}"
+    assert "CRASH rank=3 step=2" in r.output
+    assert re.search(r"rank\s*: 3 ", r.output) and re.search(r"exitcode\s*: -9", r.output), r.output[-3000:]
+    assert "DONE" not in r.output
