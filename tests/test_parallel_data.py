@@ -22,19 +22,6 @@ def world_of_one(monkeypatch):
     dist.destroy()
 
 
-@pytest.mark.parametrize("stage, world, total", [(0, 4, 16.0), (1, 4, 2 + 2 + 3), (2, 4, 2 + 14 / 4),
-                                                 (3, 4, 4.0), (3, 1, 16.0), (1, 8, 4 + 1.5)])
-def test_zero_bytes_per_param_hand_computed(stage, world, total):
-    z = dp.zero_bytes_per_param(stage, world)
-    assert z["total"] == pytest.approx(total)
-    assert z["params"] + z["grads"] + z["optimizer"] == pytest.approx(total)
-
-
-def test_zero_rejects_unknown_stage():
-    with pytest.raises(ValueError, match="0, 1, 2 or 3"):
-        dp.zero_bytes_per_param(4, 4)
-
-
 def test_rank_bytes_counts_params_grads_and_adam_state():
     m = torch.nn.Linear(10, 5)  # 55 parameters
     opt = torch.optim.AdamW(m.parameters())

@@ -39,17 +39,6 @@ def test_fits_reject_bad_input():
         sc.fit_gustafson([1, 2], [1.0, float("nan")])
 
 
-def test_alpha_beta_fit_on_synthetic_times():
-    alpha, beta = 20e-6, 5e9
-    sizes = [2**10, 2**16, 2**20, 2**24]
-    a, b = sc.fit_alpha_beta(sizes, [alpha + s / beta for s in sizes])
-    assert a == pytest.approx(alpha, rel=1e-3) and b == pytest.approx(beta, rel=1e-6)
-    with pytest.raises(ValueError, match="two or more different sizes"):
-        sc.fit_alpha_beta([1024, 1024], [1e-5, 1e-5])
-    with pytest.raises(ValueError, match="does not grow"):
-        sc.fit_alpha_beta([1024, 2048], [2e-5, 1e-5])
-
-
 def test_ring_allreduce_and_dp_step_model():
     assert sc.allreduce_s(1e9, 1, 1e-5, 1e9) == 0.0
     assert sc.allreduce_s(1e9, 4, 0.0, 1e9) == pytest.approx(1.5)  # 2 (n-1)/n of the bytes

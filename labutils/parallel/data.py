@@ -13,7 +13,7 @@ One interface, ``wrap(model, kind, group)``, for every kind; call the result lik
   parameters, gradients and optimizer state are sharded (ZeRO-3).
 - ``"local"``: no communication at all (each rank keeps its own gradients): the compute-only time.
 
-``zero_bytes_per_param(stage, world)`` gives the per-rank memory of ZeRO stages 0-3; ``rank_bytes``
+The per-rank memory of ZeRO stages 0-3 is ``labutils.parallel.memory.per_rank_training_bytes``; ``rank_bytes``
 measures parameters, gradients and optimizer state held by this rank (local shards of DTensors).
 
 Used in lab2 §Data parallelism and §Scaling laws.
@@ -26,17 +26,6 @@ import torch.distributed as dist
 from torch import nn
 
 KINDS = ("naive", "bucket", "bucket-late", "ddp", "fsdp", "local")
-
-
-def zero_bytes_per_param(stage: int, world: int, param: float = 2, grad: float = 2, opt: float = 12) -> dict:
-    """Bytes per parameter on each rank under ZeRO ``stage`` (0 = plain DP): mixed precision by default
-    (bf16 params and grads, 12 B of fp32 master weights + Adam moments); stage 1 shards the optimizer
-    state, 2 also the gradients, 3 also the parameters (FSDP)."""
-    if stage not in (0, 1, 2, 3) or world < 1:
-        raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3 and world >= 1; got stage={stage}, world={world}")
-    shard = [(1, 1, 1), (1, 1, world), (1, world, world), (world, world, world)][stage]
-    parts = {"params": param / shard[0], "grads": grad / shard[1], "optimizer": opt / shard[2]}
-    return parts | {"total": sum(parts.values())}
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,9 @@ Placements (A is M x K, B is K x N, n ranks; "moves" = bytes each rank sends to 
 
 ``by_hand`` runs one placement with torch.distributed collectives and times its compute and its
 communication apart; ``with_dtensor`` does the same with ``distribute_tensor`` / ``Shard`` /
-``Replicate`` / ``Partial`` / ``redistribute``; ``fit_alpha_beta`` turns a sweep of collective times into
-the latency (alpha) and bandwidth (beta) of the link, ``predict`` into a time for each placement.
+``Replicate`` / ``Partial`` / ``redistribute``; ``measure_link`` turns a sweep of all_reduce times
+(fitted by ``labutils.collectives.fit_alpha_beta``) into the latency (alpha) and bandwidth (beta) of the
+link, ``predict_comm_s`` into a time for each placement.
 
 Used in lab2 §A GEMM across 4 ranks.
 """
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .. import timing
+from .. import collectives, timing
 
 PLACEMENTS = ("replicated", "row", "col", "k", "k_scatter", "2d")
 COLLECTIVE = {"replicated": None, "row": "all_gather", "col": "all_gather", "k": "all_reduce",
@@ -154,18 +155,6 @@ def with_dtensor(placement: str, a: torch.Tensor, b: torch.Tensor, mesh_1d, mesh
 
 
 # ---------------------------------------------------------------- the link: alpha-beta
-def fit_alpha_beta(points: list[tuple[float, float]]) -> dict:
-    """Least-squares fit of t = alpha + bytes / beta to (bytes sent per rank, seconds) points."""
-    x, y = np.array([p[0] for p in points], float), np.array([p[1] for p in points], float)
-    if len(x) < 2 or np.ptp(x) == 0:
-        raise ValueError("fit_alpha_beta needs at least two points of different sizes")
-    slope, alpha = np.polyfit(x, y, 1)
-    if slope <= 0:  # time did not grow with size: noise swamped the sweep (a loaded box, too small sizes)
-        return {"alpha_s": float(np.median(y)), "beta_Bps": float("inf"), "points": len(x),
-                "note": "time did not grow with size: beta not measurable here (sweep larger sizes)"}
-    return {"alpha_s": max(float(alpha), 0.0), "beta_Bps": float(1 / slope), "points": len(x)}
-
-
 def measure_link(sizes, group=None, device=None, reps: int = 10) -> dict:
     """all_reduce of each size in ``sizes`` (bytes, float32) timed on every rank (slowest rank's median),
     fitted to alpha-beta against the bytes each rank sends (2(n-1)/n x size)."""
@@ -179,7 +168,12 @@ def measure_link(sizes, group=None, device=None, reps: int = 10) -> dict:
                              min_reps=reps, max_time_s=float("inf"))
         rows.append({"bytes": x.numel() * 4, "sent": wire_factor("all_reduce", n) * x.numel() * 4,
                      "median_s": _slowest(t.median_s, dev, group)})
-    return fit_alpha_beta([(r["sent"], r["median_s"]) for r in rows]) | {"sweep": rows}
+    fit = collectives.fit_alpha_beta([r["bytes"] for r in rows], [r["median_s"] for r in rows],
+                                     wire_factor("all_reduce", n), op="all_reduce", world=n)
+    out = {"alpha_s": fit.alpha_s, "beta_Bps": fit.busbw_GBps * 1e9, "points": fit.points, "rel_rms": fit.rel_rms}
+    if fit.beta_s_per_byte == 0:
+        out["note"] = "time did not grow with size: beta not measurable here (sweep larger sizes)"
+    return out | {"sweep": rows}
 
 
 def predict_comm_s(placement: str, m: int, n_: int, elem: int, n: int, alpha_s: float, beta_Bps: float) -> float:

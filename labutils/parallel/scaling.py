@@ -6,8 +6,8 @@ and the compute-optimal budget of a model.
   1/S - 1/n = s (1 - 1/n), which is linear in s.
 - ``gustafson(n, s)`` / ``fit_gustafson(ns, scaled)``: weak scaling (fixed batch per rank). The scaled
   speed-up is n - s (n - 1); least squares on n - S = s (n - 1).
-- ``fit_alpha_beta(sizes, seconds)``: t = alpha + bytes / beta for one collective, by least squares;
-  ``allreduce_s(nbytes, n, alpha, beta)`` is a ring all-reduce under that model:
+- ``allreduce_s(nbytes, n, alpha, beta)`` is a ring all-reduce under the alpha-beta model (fitted with
+  ``labutils.collectives.fit_alpha_beta``):
   2 (n-1) alpha + 2 (n-1)/n bytes / beta. ``dp_step_s`` puts compute and that communication together
   to extrapolate a DP step to more ranks.
 - ``flops_per_token(N, L, h, s)`` = 6 N + 12 L h s (forward + backward of the weights, and of
@@ -73,18 +73,6 @@ def fit_gustafson(ns: Sequence[float], scaled: Sequence[float]) -> Fit:
     x, z = n - 1.0, n - y
     s = float(np.clip((x * z).sum() / (x * x).sum(), 0.0, 1.0))
     return Fit("gustafson", s, float(np.sqrt(np.mean((gustafson(n, s) - y) ** 2))))
-
-
-def fit_alpha_beta(sizes: Sequence[float], seconds: Sequence[float]) -> tuple[float, float]:
-    """(alpha seconds, beta bytes/s) of t = alpha + bytes / beta, least squares over >= 2 sizes."""
-    b, t = np.asarray(sizes, dtype=np.float64), np.asarray(seconds, dtype=np.float64)
-    if b.shape != t.shape or len(set(b.tolist())) < 2:
-        raise ValueError("fit_alpha_beta needs times at two or more different sizes (one list each, one length)")
-    slope, alpha = np.polyfit(b, t, 1)
-    if slope <= 0:
-        raise ValueError(f"fit_alpha_beta: time does not grow with size (slope {slope:.3g} s/B): measure larger "
-                         f"messages, or more repetitions, so the bandwidth term shows above the noise")
-    return max(float(alpha), 0.0), float(1.0 / slope)
 
 
 def allreduce_s(nbytes: float, n: int, alpha: float, beta: float) -> float:

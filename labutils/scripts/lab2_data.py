@@ -33,6 +33,7 @@ import torch.distributed as tdist
 
 from labutils import dist, profile, timing
 from labutils.parallel import data as dp
+from labutils.parallel import memory as mem_model
 from labutils.parallel import pipeline as pl
 
 PARTS = ("check", "overlap", "memory", "big", "scaling")
@@ -159,6 +160,11 @@ def overlap(sz, ctx) -> dict:
     return {"step_s": t, "exposed_comm_s": comm, "hidden_fraction": hidden}
 
 
+def _per_param(z: dict) -> dict:
+    """Bytes per parameter of each part (the formula's dict without its stage/world labels)."""
+    return {k: z[k] for k in ("params", "grads", "optimizer", "total")}
+
+
 def memory(sz, ctx) -> dict:
     """Per-rank bytes of parameters, gradients and AdamW state after one step: DDP vs FSDP2."""
     rows = {}
@@ -173,7 +179,8 @@ def memory(sz, ctx) -> dict:
         if ctx.device.type == "cuda":
             got["cuda_max_allocated"] = torch.cuda.max_memory_allocated()
         n = sum(p.numel() for p in m.module.parameters())  # a DTensor counts its global elements
-        z = dp.zero_bytes_per_param(0 if kind == "ddp" else 3, ctx.world, param=4, grad=4, opt=8)  # fp32 + Adam
+        stage = 0 if kind == "ddp" else 3
+        z = _per_param(mem_model.per_rank_training_bytes(1, ctx.world, stage, weight=4, grad=4, optim=8))  # fp32 + Adam
         rows[kind] = {"n_params": n, "measured": got, "predicted": {k: v * n for k, v in z.items()}}
         del m, opt
     return rows
@@ -206,7 +213,7 @@ def big_step(sz, ctx, ac: bool) -> dict:
     med = timing.stats(times[1:]).p50
     tok = ctx.world * sz["big_batch"] * sz["big_seq"] / med
     got = dp.rank_bytes(m, opt) | ({"cuda_max_allocated": torch.cuda.max_memory_allocated()} if cuda else {})
-    z = dp.zero_bytes_per_param(3, ctx.world, param=4, grad=4, opt=8)
+    z = _per_param(mem_model.per_rank_training_bytes(1, ctx.world, 3, weight=4, grad=4, optim=8))
     return {"model": sz["big_model"], "n_params": n, "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
             "vocab": cfg.vocab_size, "seq": sz["big_seq"], "batch_per_rank": sz["big_batch"], "world": ctx.world,
             "mixed_precision": "bf16 params, fp32 reduce" if cuda else "fp32 (CPU)", "activation_checkpointing": ac,
