@@ -2,11 +2,16 @@
 
 - ``run(target, args, nproc=4)``: ``python -m torch.distributed.run`` on this host (c10d
   rendezvous on 127.0.0.1 with a free port), output streamed line by line as it arrives and
-  kept; a non-zero exit raises ``LaunchError`` with the command, exit code and the last lines;
-  a job that outlives ``timeout`` is killed (SIGTERM, then SIGKILL) and raises ``LaunchTimeout``.
+  kept (every pipe read to its end); a non-zero exit raises ``LaunchError`` with the command, exit
+  code, the first traceback and the last lines; a job that outlives ``timeout`` (counted from its
+  ``ready`` line if one is given) is killed (SIGTERM, then SIGKILL) and raises ``LaunchTimeout``.
 - ``simulate_nodes(2, 2, target)``: one torchrun agent per "node" on this host, all started
   together: how a single machine rehearses a 2-node job.
 - ``plan(4)``: what will actually run here: nccl ranks on GPUs, or gloo CPU ranks standing in.
+
+A job never outlives the Python that started it, however that Python dies (a watchdog process and
+a parent-death signal, see ``_procs`` and ``_agent``); a job on this host listens on 127.0.0.1 only
+(its TCPStores, gloo's and NCCL's sockets); ``JOB_ENV`` keeps NVLink multicast off everywhere.
 
 Never ``mp.spawn`` or fork from a kernel, never a bare ``!torchrun`` (IPython ignores its exit
 code). Command line: ``python -m labutils.launch --nproc 4 labutils.scripts.dist_check -- --sweep``.

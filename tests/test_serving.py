@@ -29,7 +29,7 @@ def model_dir():
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    srv = serving.Server(model_dir, device="cpu", dtype="float32", startup_timeout=120)
+    srv = serving.Server(model_dir, device="cpu", dtype="float32", startup_timeout=600)
     with srv:
         yield srv
     assert not srv.running and _gone(srv.pid)
@@ -112,7 +112,7 @@ def test_a_server_that_fails_to_start_reports_its_log_and_leaves_nothing(tmp_pat
     bogus = tmp_path / "not-a-model"
     bogus.mkdir()
     (bogus / "config.json").write_text("{ this is not json")
-    srv = serving.Server(bogus, device="cpu", startup_timeout=120)
+    srv = serving.Server(bogus, device="cpu", startup_timeout=600)
     with pytest.raises(RuntimeError, match=r"exited with code .*Last lines of") as err:
         srv.start()
     assert srv.log_tail(5) in str(err.value) and "not a valid JSON file" in str(err.value)  # the cause
@@ -174,11 +174,11 @@ def test_a_killed_parent_takes_its_server_with_it(model_dir):
     script = textwrap.dedent(f"""
         import os, signal
         from labutils import serving
-        srv = serving.Server({str(model_dir)!r}, device="cpu", startup_timeout=120).start()
+        srv = serving.Server({str(model_dir)!r}, device="cpu", startup_timeout=600).start()
         print(srv.pid, srv.port, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180,
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900,
                          cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
     pid, port = map(int, out.stdout.split())
@@ -189,7 +189,7 @@ def test_an_unimportable_mistral_common_does_not_break_the_server(model_dir, tmp
     """mistral-common installed without its dependencies must not stop the server loading the tokenizer."""
     (tmp_path / "tiktoken.py").write_text("raise ImportError('simulated: tiktoken is missing')\n")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), str(REPO), os.environ.get("PYTHONPATH", "")]))
-    with serving.Server(model_dir, device="cpu", startup_timeout=120) as srv:
+    with serving.Server(model_dir, device="cpu", startup_timeout=600) as srv:
         assert serving.stream_request(srv.url, srv.model, "Hi", 3).ok
         assert "hidden from transformers" in srv.log_tail(200)
 
