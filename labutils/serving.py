@@ -1,8 +1,10 @@
 """Serve a model over an OpenAI-compatible HTTP API and measure it under load.
 
 - ``Server``: ``transformers serve <dir>`` on 127.0.0.1 (a free port unless one is given), ready
-  once ``GET /health`` answers, always stopped: context exit, ``stop()`` (idempotent), atexit, and
-  on Linux the parent-death signal (a killed Jupyter kernel takes its server with it).
+  once ``GET /health`` answers and the port's listener is the process it started (not some other
+  server that took the port), always stopped: context exit, ``stop()`` (idempotent), atexit, and a
+  pipe from the starting Python whose end-of-file stops the server (a killed Jupyter kernel takes
+  its server with it, whichever thread started it). Its log is deleted after a clean stop.
 - ``stream_request``: one streamed ``/v1/completions`` request, timed chunk by chunk.
 - ``sweep``: closed-loop load at several concurrency levels, with TTFT/TPOT/ITL/e2e percentiles.
 

@@ -104,8 +104,9 @@ def test_weights_come_from_safetensors_only(built, tmp_path):
     assert all(p.abs().sum() > 0 for n, p in got.named_parameters() if "norm" not in n)  # not the .bin's zeros
 
 
-def test_a_broken_cache_entry_is_rebuilt(built, monkeypatch):
-    cache, d = built
+def test_a_broken_cache_entry_is_rebuilt(built, monkeypatch, tmp_path):
+    cache = _copy(built[0], tmp_path / "cache")  # a cache of its own: the other tests keep an intact one
+    d = cache / built[1].relative_to(built[0])
     monkeypatch.setenv("SMML_CACHE", str(cache))
     first = _params(models.load("mistral-tiny-small", dtype="float32", device="cpu").model)
     weights, size = d / "model.safetensors", (d / "model.safetensors").stat().st_size
