@@ -111,8 +111,16 @@ def main(argv: list[str]) -> None:
         return _worker(argv[1:])
     _parent_death_signal()
     import torch.distributed as dist
+    import torch.distributed.launcher.api as launcher
 
     patch_tcpstore(dist)
+    named = launcher._get_entrypoint_name
+
+    def target_name(entrypoint, args):  # torchrun's failure summary names the target, not this wrapper
+        rest = [a for a in args[args.index("--worker") + 1:] if a != "-m"] if "--worker" in args else []
+        return str(rest[0]) if rest else named(entrypoint, args)
+
+    launcher._get_entrypoint_name = target_name
     from torch.distributed.run import main as torchrun
 
     sys.argv = ["torchrun", *argv]
