@@ -119,6 +119,8 @@ def test_a_server_that_fails_to_start_reports_its_log_and_leaves_nothing(tmp_pat
     assert not srv.running and _gone(srv.pid) and not serving.port_in_use(srv.port)
     srv.stop()
     srv.stop()  # idempotent
+    assert str(srv.log_path) in str(err.value) and srv.log_path.exists()  # a failure keeps its log
+    srv.log_path.unlink()
 
 
 def test_a_startup_timeout_kills_the_server(model_dir):
@@ -127,6 +129,7 @@ def test_a_startup_timeout_kills_the_server(model_dir):
         srv.start()
     assert _gone(srv.pid) and not serving.port_in_use(srv.port)
     srv.stop()
+    srv.log_path.unlink()  # kept, as after every failure
 
 
 def test_stream_request_failures_are_results_not_exceptions(server):
