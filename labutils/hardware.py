@@ -24,6 +24,7 @@ from functools import lru_cache
 
 import torch
 
+from . import profile as _profile
 from . import timing
 
 TB = 1e12
@@ -330,7 +331,7 @@ def fingerprint() -> dict:
         "accelerate": _version("accelerate"),
         "device": info.as_dict(),
         "gpu_slug": gpu_slug(),
-        "profile": os.environ.get("SMML_PROFILE") or ("full" if cuda else "small"),
+        "profile": _profile.get().name,  # the profile in use (validated), not the raw $SMML_PROFILE
         # a copy of the tree without .git (a GPU box) can pass the commit in SMML_GIT_COMMIT
         "git_commit": os.environ.get("SMML_GIT_COMMIT") or _git_commit(),
         "argv": sys.argv,

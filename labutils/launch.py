@@ -2,11 +2,16 @@
 
 - ``run(target, args, nproc=4)``: ``python -m torch.distributed.run`` on this host (c10d
   rendezvous on 127.0.0.1 with a free port), output streamed line by line as it arrives and
-  kept; a non-zero exit raises ``LaunchError`` with the command, exit code and the last lines;
-  a job that outlives ``timeout`` is killed (SIGTERM, then SIGKILL) and raises ``LaunchTimeout``.
+  kept (every pipe read to its end); a non-zero exit raises ``LaunchError`` with the command, exit
+  code, the first traceback and the last lines; a job that outlives ``timeout`` (counted from its
+  ``ready`` line if one is given) is killed (SIGTERM, then SIGKILL) and raises ``LaunchTimeout``.
 - ``simulate_nodes(2, 2, target)``: one torchrun agent per "node" on this host, all started
   together: how a single machine rehearses a 2-node job.
 - ``plan(4)``: what will actually run here: nccl ranks on GPUs, or gloo CPU ranks standing in.
+
+A job never outlives the Python that started it, however that Python dies (a watchdog process and
+a parent-death signal, see ``_procs`` and ``_agent``); a job on this host listens on 127.0.0.1 only
+(its TCPStores, gloo's and NCCL's sockets); ``JOB_ENV`` keeps NVLink multicast off everywhere.
 
 Never ``mp.spawn`` or fork from a kernel, never a bare ``!torchrun`` (IPython ignores its exit
 code). Command line: ``python -m labutils.launch --nproc 4 labutils.scripts.dist_check -- --sweep``.
@@ -18,24 +23,29 @@ from __future__ import annotations
 
 import argparse
 import os
-import queue
+import re
 import shlex
-import signal
 import socket
-import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import hardware
+from . import _agent, _procs, hardware
+from ._procs import MARKER
 
 REPO = Path(__file__).resolve().parent.parent
-TAIL_LINES = 40
-MARKER = "SMML_LAUNCH_ID"  # every process of a job inherits it: how stragglers are found
+TAIL_LINES = 60  # of the error message: a traceback (wherever it is) and the last lines, per agent
+# Set in every job unless the caller's env or this process already sets them: NVLink multicast off
+# (the lent multi-GPU machines need it), and no TCPStore shared between agent and ranks (with it,
+# in-job restarts under gloo fail on torch 2.13: pytorch issue #135712).
+JOB_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
+           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+# A job on this host only (rendezvous on 127.0.0.1): gloo, tensorpipe and NCCL sockets on loopback too.
+LOOPBACK_ENV = {"GLOO_SOCKET_IFNAME": "lo", "TP_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
+SECRET = re.compile(r"TOKEN|KEY|SECRET|PASSWORD", re.IGNORECASE)  # env values never echoed
 
 
 class LaunchError(RuntimeError):
@@ -127,130 +137,47 @@ def torchrun_cmd(target: str, args: Sequence = (), *, nproc: int, nnodes: int = 
             *rdzv, "--max-restarts", str(max_restarts), *what, *map(str, args)]
 
 
-def _env(extra: dict | None) -> tuple[dict, dict]:
+def _wrapped(cmd: list[str]) -> list[str]:
+    """The command actually run: torchrun through ``labutils._agent`` (parent-death signal, stores on
+    loopback), each rank through its ``--worker`` mode. Same arguments as ``cmd``."""
+    n = cmd.index("--max-restarts") + 2  # then the target and its arguments
+    return [cmd[0], "-m", "labutils._agent", *cmd[3:n], "-m", "labutils._agent", "--worker", *cmd[n:]]
+
+
+def _env(extra: dict | None, local: bool) -> tuple[dict, dict]:
     """The job's environment, and the part of it worth showing in the command line."""
-    shown = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")} | dict(extra or {})
-    env = os.environ | {k: str(v) for k, v in shown.items()}
+    shown = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")} | {k: str(v) for k, v in (extra or {}).items()}
+    defaults = JOB_ENV | (LOOPBACK_ENV if local and sys.platform.startswith("linux") else {})
+    shown |= {k: v for k, v in defaults.items() if k not in shown and k not in os.environ}
+    env = os.environ | shown
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     env["PYTHONUNBUFFERED"] = "1"  # lines arrive as they are printed
     env[MARKER] = uuid.uuid4().hex
+    env[_agent.SUPERVISOR] = str(os.getpid())
     return env, shown
 
 
 def _show(cmd: list[str], shown: dict) -> str:
-    return " ".join([f"{k}={shlex.quote(str(v))}" for k, v in shown.items()] + [shlex.quote(c) for c in cmd])
+    """Shell-quoted, with the variables the job sets; a value whose name looks secret shows as ***."""
+    env = [f"{k}={'***' if SECRET.search(k) else shlex.quote(v)}" for k, v in shown.items()]
+    return " ".join(env + [shlex.quote(c) for c in cmd])
 
 
-# ---------------------------------------------------------------- the job: processes, output, cleanup
-class _Job:
-    """Some torchrun agents started together; their merged output; guaranteed teardown."""
-
-    def __init__(self, cmds, envs, prefixes, stream: bool, on_line: Callable[[str], None] | None):
-        self.launch_id, self.stream, self.on_line, self.prefixes = envs[0][MARKER], stream, on_line, prefixes
-        self.q: queue.Queue = queue.Queue()
-        self.lines: list[list[str]] = [[] for _ in cmds]
-        self.merged: list[str] = []
-        # a session (and process group) of its own: the job can be signalled without touching us
-        self.procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                       stdin=subprocess.DEVNULL, start_new_session=True, text=True,
-                                       errors="replace") for cmd, env in zip(cmds, envs)]
-        self.readers = [threading.Thread(target=self._read, args=(i, p), daemon=True)
-                        for i, p in enumerate(self.procs)]
-        for t in self.readers:
-            t.start()
-
-    def _read(self, i: int, p: subprocess.Popen) -> None:
-        for line in p.stdout:
-            self.q.put((i, line.rstrip("\n")))
-
-    def pump(self, wait_s: float) -> None:
-        """Move the lines that arrived (waiting up to ``wait_s`` for the first) to the output."""
-        for k in range(1000):  # bounded, so that a flood of output cannot starve the timeout check
-            try:
-                i, line = self.q.get(timeout=wait_s) if k == 0 else self.q.get_nowait()
-            except queue.Empty:
-                return
-            line = self.prefixes[i] + line
-            self.lines[i].append(line)
-            self.merged.append(line)
-            if self.stream:
-                print(line, flush=True)
-            if self.on_line:
-                self.on_line(line)
-
-    def drain(self, limit_s: float) -> None:
-        """Collect the last lines of the agents that have exited (their pipes close soon after)."""
-        end = time.monotonic() + limit_s
-        while time.monotonic() < end and any(t.is_alive() and p.poll() is not None
-                                             for t, p in zip(self.readers, self.procs)):
-            self.pump(0.05)
-        self.pump(0)
-
-    def members(self) -> list:
-        """Every live process carrying this job's marker: agents, workers, their children, orphans."""
-        try:
-            import psutil
-        except ImportError:  # without psutil only the agents' own process groups can be reached
-            return []
-        found = []
-        for c in psutil.process_iter():  # orphans too: a worker whose agent died is still marked
-            try:
-                if c.environ().get(MARKER) == self.launch_id and c.status() != psutil.STATUS_ZOMBIE:
-                    found.append(c)
-            except psutil.Error:
-                pass
-        return found
-
-    def kill(self, grace: float) -> None:
-        """SIGTERM every process group of the job, SIGKILL what is left after ``grace`` seconds."""
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-            others = self.members()
-            roots = [p for p in self.procs if p.poll() is None]
-            if not roots and not others:
-                return
-            for pid in [p.pid for p in roots] + [c.pid for c in others]:
-                _signal_group(pid, sig)
-            end = time.monotonic() + wait
-            while time.monotonic() < end and (any(p.poll() is None for p in self.procs) or self.members()):
-                self.pump(0.1)
-
-    def tail(self, n: int = TAIL_LINES, upto: list[int] | None = None) -> str:
-        """The last lines of each agent (up to line ``upto[i]``), minus torchrun's own stack frames."""
-        per = n if len(self.lines) == 1 else max(n // len(self.lines), 10)
-        cut = upto or [len(lines) for lines in self.lines]
-        return "\n".join("\n".join(_quiet(lines[:k], pre)[-per:])
-                         for lines, k, pre in zip(self.lines, cut, self.prefixes))
+def _check(timeout: float, ready_timeout: float | None, **counts: int) -> None:
+    for name, n in counts.items():
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"{name} must be a whole number >= 1, got {n!r}: pass e.g. {name}=2")
+    for name, t in (("timeout", timeout), ("ready_timeout", ready_timeout)):
+        if t is not None and not t > 0:
+            raise ValueError(f"{name} must be > 0 seconds, got {t!r}: pass e.g. {name}=600")
 
 
-def _quiet(lines: list[str], prefix: str = "") -> list[str]:
-    """Drop the stack frames inside torch.distributed and runpy (the launcher's, not the script's)."""
-    out, skip = [], False
-    for line in lines:
-        text = line[len(prefix):]
-        if text.lstrip().startswith('File "'):
-            skip = "torch/distributed/" in text or "<frozen runpy>" in text
-        else:  # a dropped frame's source line and ^^^ markers are indented by 4
-            skip = skip and text.startswith("    ")
-        if not skip:
-            out.append(line)
-    return out
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    try:
-        pgid = os.getpgid(pid)
-        if pgid == os.getpgrp():  # never signal our own group (the notebook kernel, pytest)
-            os.kill(pid, sig)
-        else:
-            os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _supervise(job: _Job, cmd: str, timeout: float, grace: float, port: int | None) -> LaunchResult:
+# ---------------------------------------------------------------- supervision
+def _supervise(job: _procs.Job, cmd: str, timeout: float, grace: float, port: int | None,
+               ready_timeout: float | None = None) -> LaunchResult:
     """Wait for the job; on failure or timeout kill all of it and raise with the tail."""
     t0 = time.monotonic()
-    failed, timed_out = None, None
+    failed, timed_out, why = None, None, ""
     try:
         while True:
             job.pump(0.1)
@@ -258,28 +185,32 @@ def _supervise(job: _Job, cmd: str, timeout: float, grace: float, port: int | No
             failed = next(((i, c) for i, c in enumerate(codes) if c not in (None, 0)), None)
             if failed is not None or all(c is not None for c in codes):
                 break
-            if time.monotonic() - t0 > timeout:
+            now, start = time.monotonic(), (job.ready_at if job.ready else t0)
+            if start is None and now - t0 > ready_timeout:
+                why = f"printed no line containing {job.ready!r} within {ready_timeout:g} s"
+            elif start is not None and now - start > timeout:
+                why = f"timed out after {timeout:g} s" + (f" from its line {job.ready!r}" if job.ready else "")
+            if why:
                 timed_out = [len(lines) for lines in job.lines]  # the tail worth showing: before the kill
                 break
-        if timed_out is None:
-            job.drain(2.0)
+    except BaseException:  # on_line raised, or Ctrl-C: stop the job quietly and let it propagate
+        job.on_line, job.stream = None, False
+        raise
     finally:
         job.kill(grace)
-        job.drain(2.0)
-        for t, p in zip(job.readers, job.procs):
-            if not t.is_alive():
-                p.stdout.close()
+        job.drain()
+        job.close()
     seconds = time.monotonic() - t0
     output = "\n".join(job.merged)
     if timed_out is not None:
-        tail = job.tail(upto=timed_out)
-        raise LaunchTimeout(f"timed out after {timeout:g} s and was stopped (SIGTERM; SIGKILL {grace:g} s "
-                            f"later if needed): {cmd}\n--- last lines before that ---\n{tail}",
-                            cmd=cmd, returncode=None, output=output, tail=tail)
+        tail = job.tail(TAIL_LINES, upto=timed_out)
+        raise LaunchTimeout(f"{why} and was stopped (SIGTERM; SIGKILL {grace:g} s later if needed): {cmd}\n"
+                            f"--- last lines before that ---\n{tail}", cmd=cmd, returncode=None, output=output,
+                            tail=tail)
     if failed is not None:
-        who = f"node {failed[0]} " if len(job.procs) > 1 else ""
-        raise LaunchError(f"{who}exit code {failed[1]} after {seconds:.1f} s: {cmd}\n--- last lines ---\n"
-                          f"{job.tail()}", cmd=cmd, returncode=failed[1], output=output, tail=job.tail())
+        who, tail = (f"node {failed[0]} " if len(job.procs) > 1 else ""), job.tail(TAIL_LINES)
+        raise LaunchError(f"{who}exit code {failed[1]} after {seconds:.1f} s: {cmd}\n--- last lines ---\n{tail}",
+                          cmd=cmd, returncode=failed[1], output=output, tail=tail)
     return LaunchResult(0, output, seconds, cmd, port)
 
 
@@ -295,42 +226,51 @@ def _rdzv(kind: str, endpoint: str, node: int, run_id: str) -> list[str]:
 def run(target: str, args: Sequence = (), *, nproc: int = 2, nnodes: int = 1, timeout: float = 600.0,
         env: dict | None = None, stream: bool = True, on_line: Callable[[str], None] | None = None,
         port: int | None = None, rdzv_endpoint: str | None = None, rdzv_id: str = "smml",
-        max_restarts: int = 0, grace: float = 5.0) -> LaunchResult:
+        max_restarts: int = 0, grace: float = 5.0, ready: str | None = None,
+        ready_timeout: float = 600.0) -> LaunchResult:
     """Run ``target`` (a script path or a module such as ``labutils.scripts.dist_check``) under torchrun.
 
     One node: c10d rendezvous on 127.0.0.1 (``port`` or a free one). ``nnodes > 1`` means this host is
-    one node of a real multi-node job: pass ``rdzv_endpoint="head-node:29500"``.
+    one node of a real multi-node job: pass ``rdzv_endpoint="head-node:29500"``. ``ready``: a text the
+    job prints once it is up; ``timeout`` then counts from that line (``ready_timeout`` bounds the wait
+    for it), so a slow start on a loaded machine cannot eat a short timeout. ``on_line`` sees every
+    line; an exception it raises stops the job (all of it killed) and propagates.
     """
+    _check(timeout, ready_timeout if ready else None, nproc=nproc, nnodes=nnodes)
     if nnodes > 1 and not rdzv_endpoint:
         raise ValueError(f"nnodes={nnodes} needs rdzv_endpoint='host:port' of the first node; "
                          f"to fake {nnodes} nodes on this host use simulate_nodes({nnodes}, {nproc}, ...)")
     port = None if rdzv_endpoint else _pick_port(port)
-    rdzv = _rdzv("c10d", rdzv_endpoint or f"127.0.0.1:{port}", 0, rdzv_id)
-    cmd = torchrun_cmd(target, args, nproc=nproc, nnodes=nnodes, rdzv=rdzv, max_restarts=max_restarts)
-    full_env, shown = _env(env)
-    job = _Job([cmd], [full_env], [""], stream, on_line)
-    return _supervise(job, _show(cmd, shown), timeout, grace, port)
+    endpoint = rdzv_endpoint or f"127.0.0.1:{port}"
+    cmd = torchrun_cmd(target, args, nproc=nproc, nnodes=nnodes, rdzv=_rdzv("c10d", endpoint, 0, rdzv_id),
+                       max_restarts=max_restarts)
+    full_env, shown = _env(env, local=endpoint.split(":")[0] in ("127.0.0.1", "localhost"))
+    job = _procs.Job([_wrapped(cmd)], [full_env], [""], stream, on_line, grace, ready)
+    return _supervise(job, _show(cmd, shown), timeout, grace, port, ready_timeout)
 
 
 def simulate_nodes(n_nodes: int, procs_per_node: int, target: str, args: Sequence = (), *,
                    timeout: float = 600.0, rendezvous: str = "static", env: dict | None = None,
                    stream: bool = True, on_line: Callable[[str], None] | None = None,
-                   port: int | None = None, grace: float = 5.0) -> LaunchResult:
+                   port: int | None = None, grace: float = 5.0, max_restarts: int = 0,
+                   ready: str | None = None, ready_timeout: float = 600.0) -> LaunchResult:
     """``n_nodes`` torchrun agents on this host, ``procs_per_node`` ranks each, output prefixed by node.
 
     ``rendezvous="static"``: ``--node-rank i --master-addr 127.0.0.1 --master-port P`` (node 0 hosts
     the store); ``"c10d"``: every agent joins ``127.0.0.1:P`` with one id and gets its node rank there.
+    ``max_restarts``, ``ready``, ``ready_timeout``, ``on_line``: as in ``run``.
     """
-    if n_nodes < 1 or procs_per_node < 1 or rendezvous not in ("static", "c10d"):
-        raise ValueError(f"simulate_nodes needs n_nodes >= 1, procs_per_node >= 1 and rendezvous 'static' or "
-                         f"'c10d'; got {n_nodes}, {procs_per_node}, {rendezvous!r}")
+    _check(timeout, ready_timeout if ready else None, n_nodes=n_nodes, procs_per_node=procs_per_node)
+    if rendezvous not in ("static", "c10d"):
+        raise ValueError(f"rendezvous must be 'static' or 'c10d', got {rendezvous!r}")
     port, run_id = _pick_port(port), f"sim-{uuid.uuid4().hex[:8]}"
-    cmds = [torchrun_cmd(target, args, nproc=procs_per_node, nnodes=n_nodes,
+    cmds = [torchrun_cmd(target, args, nproc=procs_per_node, nnodes=n_nodes, max_restarts=max_restarts,
                          rdzv=_rdzv(rendezvous, f"127.0.0.1:{port}", i, run_id)) for i in range(n_nodes)]
-    full_env, shown = _env(env)
+    full_env, shown = _env(env, local=True)
     envs = [full_env | _node_gpus(full_env, i, n_nodes, procs_per_node) for i in range(n_nodes)]
-    job = _Job(cmds, envs, [f"[node{i}] " for i in range(n_nodes)], stream, on_line)
-    return _supervise(job, " &\n".join(_show(c, shown) for c in cmds), timeout, grace, port)
+    job = _procs.Job([_wrapped(c) for c in cmds], envs, [f"[node{i}] " for i in range(n_nodes)],
+                     stream, on_line, grace, ready)
+    return _supervise(job, " &\n".join(_show(c, shown) for c in cmds), timeout, grace, port, ready_timeout)
 
 
 def _node_gpus(env: dict, node: int, n_nodes: int, per_node: int) -> dict:

@@ -5,16 +5,20 @@ e.g. ``SMML_MISTRAL_7B_DIR``) -> the Hugging Face cache -> the hub when online (
 progress bar; ``HF_TOKEN`` from the environment) -> the same architecture with seeded
 random weights, written with ``save_pretrained`` and read back with ``from_pretrained``
 so the real loading path always runs. Speed and memory are real with random weights;
-text is not, and ``Loaded.note`` says so.
+text is not, and ``Loaded.note`` says so. Weights are read from safetensors only (never a
+``.bin``: unpickling can run code); a truncated file is an error that names it, and a broken
+cached random build is rebuilt in a fresh folder and renamed into place.
 
 Used in lab0 §What a model is, lab1 §Baseline, lab2 §Memory, lab4 §Ladder.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,8 +146,41 @@ def _env_dir(p: Preset) -> str | None:
     return os.environ.get("SMML_" + p.name.upper().replace("-", "_") + "_DIR")
 
 
+WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"  # the only weights ever read
+
+
 def _has_weights(d: Path) -> bool:
-    return (d / "config.json").exists() and any(d.glob("*.safetensors"))
+    return (d / "config.json").exists() and ((d / WEIGHTS).exists() or (d / INDEX).exists())
+
+
+def weight_files(d: Path) -> list[Path]:
+    """The safetensors files a model folder's weights live in (one file, or the shards of its index)."""
+    if (d / INDEX).exists():
+        return sorted({d / f for f in json.loads((d / INDEX).read_text())["weight_map"].values()})
+    return [d / WEIGHTS]
+
+
+def check_safetensors(path: Path) -> None:
+    """Raise ValueError naming ``path`` unless it is a whole safetensors file (header + every tensor)."""
+    size = path.stat().st_size if path.exists() else None
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n)) if 8 < 8 + n <= size else None
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        whole = 8 + n + end == size
+    except (OSError, TypeError, ValueError, KeyError, AttributeError):
+        whole = False
+    if not whole:
+        raise ValueError(f"{path} is missing, truncated or corrupt ({size} bytes): download it again, or "
+                         f"delete its folder {path.parent} so that it is rebuilt")
+
+
+def _intact(d: Path) -> bool:
+    try:
+        return _has_weights(d) and all(check_safetensors(f) is None for f in weight_files(d))
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 def find_weights(name: str, local_dir: str | os.PathLike | None = None, allow_hub: bool = True):
@@ -153,8 +190,11 @@ def find_weights(name: str, local_dir: str | os.PathLike | None = None, allow_hu
     if explicit:
         d = Path(explicit).expanduser()
         if not _has_weights(d):
-            raise FileNotFoundError(f"{d} has no config.json + *.safetensors: point it at a downloaded "
-                                    f"{p.hf_id or p.name} folder, or unset it to fall back")
+            bins = ", ".join(sorted(f.name for f in d.glob("*.bin"))) if d.is_dir() else ""
+            raise FileNotFoundError(f"{d} has no config.json + {WEIGHTS} (or {INDEX}): point it at a downloaded "
+                                    f"{p.hf_id or p.name} folder, or unset it to fall back"
+                                    + (f". Only safetensors weights are read, never {bins}: convert them "
+                                       f"(save_pretrained writes safetensors)" if bins else ""))
         return "local", str(d)
     if p.hf_id is None:
         return None
@@ -180,22 +220,37 @@ def random_weights_dir(name: str, seed: int = 0, dtype: torch.dtype = torch.bflo
     p = preset(name)
     shape = f"h{p.hidden_size}-L{p.num_hidden_layers}-H{p.num_attention_heads}-kv{p.num_key_value_heads}"
     d = cache_dir() / "models" / f"{name}-{shape}-random-seed{seed}-{str(dtype).split('.')[-1]}"  # new shape: new dir
-    if _has_weights(d):
+    if _intact(d):
         return d
     dev = torch.device(device) if device is not None else torch.device("cpu")
     torch.manual_seed(seed)
     with torch.device(dev):
         model = MistralForCausalLM(p.config()).to(dtype)
     d.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=d.parent, prefix=f".{d.name}."))
+    tmp = Path(tempfile.mkdtemp(dir=d.parent, prefix=f".{d.name}."))  # a fresh folder, renamed into place
     try:
         model.save_pretrained(tmp)
         load_tokenizer().save_pretrained(tmp)
-        os.replace(tmp, d) if not d.exists() else shutil.rmtree(tmp)
-    except BaseException:
+        _swap_in(tmp, d)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return d
+
+
+def _swap_in(new: Path, d: Path) -> None:
+    """Rename the complete folder ``new`` to ``d``; a broken ``d`` is renamed aside first, then deleted.
+    If another process put an intact ``d`` there meanwhile, keep that one."""
+    if _intact(d):
+        return
+    aside = d.with_name(f".{d.name}.broken-{os.getpid()}-{time.monotonic_ns()}")
+    if d.exists():
+        os.replace(d, aside)
+    try:
+        os.replace(new, d)
+    except OSError:  # another process renamed its own rebuild in between
+        if not _intact(d):
+            raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def load(name: str | None = None, *, local_dir=None, dtype: str | torch.dtype | None = None, device=None,
@@ -222,7 +277,9 @@ def load(name: str | None = None, *, local_dir=None, dtype: str | torch.dtype | 
         note = (f"{p.name}: RANDOM weights (seed {seed}; {why}) - same architecture, so speed and memory "
                 f"are real, but generated text is gibberish. Saved at {path} and loaded back with from_pretrained.")
         tok = load_tokenizer()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, device_map=str(dev))
+    for f in weight_files(Path(path)):
+        check_safetensors(f)  # a truncated file: an error that names it, not deep inside safetensors
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, device_map=str(dev), use_safetensors=True)
     model.eval()
     return Loaded(model, tok, source, path, note, p)
 

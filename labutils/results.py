@@ -15,6 +15,9 @@ import json
 import math
 import os
 import tempfile
+import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
@@ -43,7 +46,9 @@ def _jsonable(x):
         return None  # JSON has no NaN/inf
     if isinstance(x, (str, int, float, bool)) or x is None:
         return x
-    if hasattr(x, "item"):  # numpy / torch scalars
+    if hasattr(x, "tolist"):  # numpy / torch arrays and scalars: nested lists of numbers (or a number)
+        return _jsonable(x.tolist())
+    if hasattr(x, "item"):  # other scalars
         return _jsonable(x.item())
     return str(x)
 
@@ -64,16 +69,55 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+@contextmanager
+def _locked(folder: Path):
+    """An exclusive lock (``fcntl.flock``) on ``folder`` itself for a whole read-merge-write: writers in
+    other processes (ranks, scripts, notebooks) wait their turn instead of losing sections, and no lock
+    file is left in the results tree."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock (one writer at a time is then the caller's job)
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _read_or_set_aside(path: Path) -> dict:
+    """The document at ``path``; a corrupt one is renamed aside (with a warning naming both files)."""
+    if not path.exists():
+        return {}
+    try:
+        doc = json.loads(path.read_text())
+        if isinstance(doc, dict):
+            return doc
+        why = f"holds a {type(doc).__name__}, not an object"
+    except (ValueError, UnicodeDecodeError) as e:
+        why = f"is not valid JSON ({e})"
+    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    os.replace(path, aside)
+    warnings.warn(f"{path} {why}: moved it aside to {aside} and started a new one", stacklevel=3)
+    return {}
+
+
 def save(lab: str, name: str, record, slug: str | None = None) -> Path:
-    """Merge ``record`` into ``<lab>.json`` under key ``name`` with a fresh fingerprint."""
+    """Merge ``record`` into ``<lab>.json`` under key ``name`` with a fresh fingerprint (under a file
+    lock, so concurrent writers all keep their sections)."""
     if not lab or not name:
         raise ValueError("save(lab, name, record) needs a lab (e.g. 'lab0') and a section name")
     path = lab_dir(slug) / f"{lab}.json"
-    doc = load(lab, slug) if path.exists() else {}
-    doc.setdefault("sections", {})[name] = _jsonable(record)
-    doc["fingerprint"] = hardware.fingerprint()
-    doc["lab"] = lab
-    atomic_write_bytes(path, json.dumps(doc, indent=1, sort_keys=False).encode())
+    section, fingerprint = _jsonable(record), hardware.fingerprint()  # the slow parts, outside the lock
+    with _locked(path.parent):
+        doc = _read_or_set_aside(path)
+        doc.setdefault("sections", {})[name] = section
+        doc["fingerprint"] = fingerprint
+        doc["lab"] = lab
+        atomic_write_bytes(path, json.dumps(doc, indent=1, sort_keys=False).encode())
     return path
 
 
@@ -93,7 +137,11 @@ def load(lab: str, slug: str | None = None) -> dict:
     path = lab_dir(slug) / f"{lab}.json"
     if not path.exists():
         return {}
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): delete it, or save() into it once (it moves a "
+                         f"corrupt file aside and starts a new one)") from None
 
 
 def load_reference(lab: str, slug: str) -> dict:

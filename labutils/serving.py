@@ -1,8 +1,10 @@
 """Serve a model over an OpenAI-compatible HTTP API and measure it under load.
 
 - ``Server``: ``transformers serve <dir>`` on 127.0.0.1 (a free port unless one is given), ready
-  once ``GET /health`` answers, always stopped: context exit, ``stop()`` (idempotent), atexit, and
-  on Linux the parent-death signal (a killed Jupyter kernel takes its server with it).
+  once ``GET /health`` answers and the port's listener is the process it started (not some other
+  server that took the port), always stopped: context exit, ``stop()`` (idempotent), atexit, and a
+  pipe from the starting Python whose end-of-file stops the server (a killed Jupyter kernel takes
+  its server with it, whichever thread started it). Its log is deleted after a clean stop.
 - ``stream_request``: one streamed ``/v1/completions`` request, timed chunk by chunk.
 - ``sweep``: closed-loop load at several concurrency levels, with TTFT/TPOT/ITL/e2e percentiles.
 
@@ -26,7 +28,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field
@@ -36,17 +40,23 @@ from . import timing
 from .launch import free_port, port_is_free  # one port helper for jobs and servers
 
 HOST = "127.0.0.1"
-# The `transformers` CLI run by this interpreter (no script on PATH needed). On Linux it first asks
-# the kernel for SIGTERM when its parent dies, so a killed notebook kernel leaves no server behind.
+# The `transformers` CLI run by this interpreter (no script on PATH needed). Its stdin is a pipe whose
+# other end only the starting Python holds: end-of-file there (that Python died, however) makes the
+# server stop its own process group, whichever thread started it. Started from the main thread it also
+# asks for SIGTERM at its parent's death (that signal follows the thread that forked, hence only then).
 # A mistral-common that is installed but cannot be imported (missing dependencies) would make every
 # Mistral tokenizer fail to load in the server; hidden, transformers reads tokenizer.json instead.
-_BOOT = ("import ctypes, os, signal, sys\nppid = int(sys.argv.pop(1))\n"
-         "try:\n    ctypes.CDLL(None).prctl(1, signal.SIGTERM)\nexcept Exception:\n    pass\n"
-         "if os.getppid() != ppid:\n    sys.exit('parent gone')\n"
+_BOOT = ("import ctypes, os, signal, sys, threading, time\n"
+         "if sys.argv.pop(1) == 'main-thread':\n"
+         "    try:\n        ctypes.CDLL(None).prctl(1, signal.SIGTERM)\n    except Exception:\n        pass\n"
+         "def lifeline():\n    while os.read(0, 512):\n        pass\n    os.killpg(0, signal.SIGTERM)\n"
+         "    time.sleep(10)\n    os.killpg(0, signal.SIGKILL)\n"
+         "threading.Thread(target=lifeline, daemon=True).start()\n"
          "try:\n    import mistral_common.tokens.tokenizers.tekken\n"
          "except Exception as e:\n    print(f'mistral-common unusable ({e}): hidden from transformers', flush=True)\n"
          "    sys.modules['mistral_common'] = None\n"
          "from transformers.cli.transformers import main\nsys.exit(main())\n")
+OURS = ("--host", "--port")  # set by Server itself: 127.0.0.1 only, and the port it checks
 
 
 def port_in_use(port: int) -> bool:
@@ -68,8 +78,12 @@ class Server:
         self.model, self.requested_port, self.dtype = str(model_dir), port, dtype
         self.device = device or ("cuda:0" if torch.cuda.is_available() else "cpu")
         self.extra_args = [str(a) for a in extra_args]
+        taken = [a for a in self.extra_args if a.split("=")[0] in OURS]
+        if taken:
+            raise ValueError(f"extra_args may not set {', '.join(taken)}: the server always listens on {HOST} "
+                             f"only, at port= (None picks a free one); drop them from extra_args")
         self.startup_timeout = startup_timeout
-        self.port = self.pid = self.proc = self.log_path = None
+        self.port = self.pid = self.proc = self.log_path = self._lifeline = None
         self.startup_s = float("nan")
 
     @property
@@ -95,17 +109,18 @@ class Server:
         fd, name = tempfile.mkstemp(prefix=f"smml-serve-{self.port}-", suffix=".log")
         self.log_path = Path(name)
         env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+        where = "main-thread" if threading.current_thread() is threading.main_thread() else "thread"
         with os.fdopen(fd, "wb") as log:  # own session = own process group, killed as a whole
-            self.proc = subprocess.Popen([sys.executable, "-c", _BOOT, str(os.getpid()), *self.command()[1:]],
-                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+            self.proc = subprocess.Popen([sys.executable, "-c", _BOOT, where, *self.command()[1:]],
+                                         stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True)
-        self.pid = self.proc.pid
+        self.pid, self._lifeline = self.proc.pid, self.proc.stdin  # never written: only its EOF matters
         atexit.register(self.stop)
         t0 = time.perf_counter()
         try:
             self._wait_healthy()
         except BaseException:
-            self.stop()
+            self.stop(keep_log=True)
             raise
         self.startup_s = time.perf_counter() - t0
         return self
@@ -117,17 +132,41 @@ class Server:
                 raise RuntimeError(f"`{shlex.join(self.command())}` exited with code {self.proc.returncode} "
                                    f"before it was healthy. Last lines of {self.log_path}:\n{self.log_tail()}")
             if http_get(f"{self.url}/health", timeout=2.0)[0] == 200:
-                return
+                if self._holds_port():
+                    return
+                raise RuntimeError(f"port {self.port} answered /health, but the process listening there is "
+                                   f"{_listener(self.port)}, not the server started here (pid {self.pid}): "
+                                   f"another program took the port. Stop it, or pass port=None for a free one.")
             time.sleep(0.25)
         raise RuntimeError(f"`{shlex.join(self.command())}` did not answer /health within "
                            f"{self.startup_timeout:.0f} s. Last lines of {self.log_path}:\n{self.log_tail()}")
 
-    def stop(self, grace_s: float = 10.0) -> None:
-        """SIGTERM the server's process group, SIGKILL it after ``grace_s``; safe to call twice."""
+    def _holds_port(self) -> bool:
+        """True if the listening socket on our port belongs to the server we started (or its children)."""
+        try:
+            import psutil
+        except ImportError:  # cannot tell: trust the answer
+            return True
+        try:
+            root = psutil.Process(self.proc.pid)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return False
+        for p in tree:
+            with suppress(psutil.Error):
+                if any(c.status == psutil.CONN_LISTEN and c.laddr.port == self.port
+                       for c in p.net_connections(kind="tcp")):
+                    return True
+        return False
+
+    def stop(self, grace_s: float = 10.0, keep_log: bool = False) -> None:
+        """SIGTERM the server's process group, SIGKILL it after ``grace_s``; safe to call twice. The log
+        is deleted after a clean run, kept (and its path given in a warning) if the server had died."""
         atexit.unregister(self.stop)
         proc, self.proc = self.proc, None
         if proc is None:
             return
+        died = proc.poll()
         _killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=grace_s)
@@ -135,6 +174,13 @@ class Server:
             _killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
         _killpg(proc.pid, signal.SIGKILL)  # anything the server left in its group
+        with suppress(OSError):
+            self._lifeline.close()
+        if died is not None and not keep_log:
+            warnings.warn(f"the server (pid {proc.pid}) had exited with code {died} before stop(); "
+                          f"its log is kept at {self.log_path}", stacklevel=2)
+        elif not keep_log and self.log_path is not None:
+            self.log_path.unlink(missing_ok=True)
 
     def log_tail(self, lines: int = 40) -> str:
         if self.log_path is None or not self.log_path.exists():
@@ -156,6 +202,19 @@ class Server:
     def __repr__(self) -> str:
         return f"Server({self.model!r}, device={self.device!r}, " + \
             (f"running at {self.url})" if self.running else "stopped)")
+
+
+def _listener(port: int) -> str:
+    """Who listens on ``port``: 'pid N (command)', as far as this user may see."""
+    try:
+        import psutil
+
+        pids = {c.pid for c in psutil.net_connections(kind="tcp")
+                if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+        return ", ".join(f"pid {p} ({' '.join(psutil.Process(p).cmdline())[:120]})" if p else "a process of "
+                         "another user" for p in sorted(pids, key=lambda p: p or 0)) or "unknown"
+    except Exception:  # noqa: BLE001 - psutil missing or not allowed: say so
+        return "unknown (psutil could not tell)"
 
 
 def _killpg(pgid: int, sig: int) -> None:

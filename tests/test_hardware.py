@@ -95,3 +95,15 @@ def test_fingerprint_carries_the_environment():
     for key in ("torch", "python", "transformers", "device", "gpu_slug", "time_utc", "profile"):
         assert key in fp
     assert fp["torch"] == torch.__version__
+
+
+@pytest.mark.parametrize("raw,name", [(" FULL ", "full"), ("small", "small")])
+def test_fingerprint_stores_the_profile_in_use_not_the_raw_variable(monkeypatch, raw, name):
+    monkeypatch.setenv("SMML_PROFILE", raw)
+    assert hardware.fingerprint()["profile"] == name
+
+
+def test_fingerprint_refuses_an_unknown_profile(monkeypatch):
+    monkeypatch.setenv("SMML_PROFILE", "huge")
+    with pytest.raises(ValueError, match="unknown profile 'huge'"):
+        hardware.fingerprint()

@@ -9,8 +9,10 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import urllib.request
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
@@ -27,7 +29,7 @@ def model_dir():
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    srv = serving.Server(model_dir, device="cpu", dtype="float32", startup_timeout=120)
+    srv = serving.Server(model_dir, device="cpu", dtype="float32", startup_timeout=600)
     with srv:
         yield srv
     assert not srv.running and _gone(srv.pid)
@@ -110,13 +112,15 @@ def test_a_server_that_fails_to_start_reports_its_log_and_leaves_nothing(tmp_pat
     bogus = tmp_path / "not-a-model"
     bogus.mkdir()
     (bogus / "config.json").write_text("{ this is not json")
-    srv = serving.Server(bogus, device="cpu", startup_timeout=120)
+    srv = serving.Server(bogus, device="cpu", startup_timeout=600)
     with pytest.raises(RuntimeError, match=r"exited with code .*Last lines of") as err:
         srv.start()
     assert srv.log_tail(5) in str(err.value) and "not a valid JSON file" in str(err.value)  # the cause
     assert not srv.running and _gone(srv.pid) and not serving.port_in_use(srv.port)
     srv.stop()
     srv.stop()  # idempotent
+    assert str(srv.log_path) in str(err.value) and srv.log_path.exists()  # a failure keeps its log
+    srv.log_path.unlink()
 
 
 def test_a_startup_timeout_kills_the_server(model_dir):
@@ -125,6 +129,7 @@ def test_a_startup_timeout_kills_the_server(model_dir):
         srv.start()
     assert _gone(srv.pid) and not serving.port_in_use(srv.port)
     srv.stop()
+    srv.log_path.unlink()  # kept, as after every failure
 
 
 def test_stream_request_failures_are_results_not_exceptions(server):
@@ -172,11 +177,11 @@ def test_a_killed_parent_takes_its_server_with_it(model_dir):
     script = textwrap.dedent(f"""
         import os, signal
         from labutils import serving
-        srv = serving.Server({str(model_dir)!r}, device="cpu", startup_timeout=120).start()
+        srv = serving.Server({str(model_dir)!r}, device="cpu", startup_timeout=600).start()
         print(srv.pid, srv.port, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180,
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900,
                          cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
     pid, port = map(int, out.stdout.split())
@@ -187,6 +192,129 @@ def test_an_unimportable_mistral_common_does_not_break_the_server(model_dir, tmp
     """mistral-common installed without its dependencies must not stop the server loading the tokenizer."""
     (tmp_path / "tiktoken.py").write_text("raise ImportError('simulated: tiktoken is missing')\n")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), str(REPO), os.environ.get("PYTHONPATH", "")]))
-    with serving.Server(model_dir, device="cpu", startup_timeout=120) as srv:
+    with serving.Server(model_dir, device="cpu", startup_timeout=600) as srv:
         assert serving.stream_request(srv.url, srv.model, "Hi", 3).ok
         assert "hidden from transformers" in srv.log_tail(200)
+
+
+# ---------------------------------------------------------------- hardening (issue 10), with a stand-in CLI
+_FAKE_CLI = '''
+import http.server, os, sys, time
+
+def main():
+    argv = sys.argv[1:]
+    host, port = argv[argv.index("--host") + 1], int(argv[argv.index("--port") + 1])
+    go = os.environ.get("FAKE_SERVE_GO")
+    while go and not os.path.exists(go):  # the test decides when this server may bind its port
+        time.sleep(0.05)
+    if os.environ.get("FAKE_SERVE_FAIL"):
+        print("fake serve: failing on purpose", flush=True)
+        return 4
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b'{"status":"ok"}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    print(f"fake serve on {host}:{port}", flush=True)
+    http.server.HTTPServer((host, port), Health).serve_forever()
+'''
+
+
+@pytest.fixture
+def fake_cli(tmp_path, monkeypatch):
+    """A `transformers` package whose CLI is a tiny /health server: Server's own start/stop path runs,
+    without loading a model."""
+    pkg = tmp_path / "fake" / "transformers"
+    (pkg / "cli").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "cli" / "__init__.py").write_text("")
+    (pkg / "cli" / "transformers.py").write_text(_FAKE_CLI)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "fake"), str(REPO)]))
+    return tmp_path
+
+
+class _Health(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_foreign_server_on_the_port_is_not_taken_for_ours(fake_cli, monkeypatch):
+    """Another HTTP server binds the port after start() chose it: start() fails, naming it."""
+    go = fake_cli / "go"
+    monkeypatch.setenv("FAKE_SERVE_GO", str(go))
+    srv, errors = serving.Server(fake_cli, device="cpu", startup_timeout=300), []
+
+    def start():
+        try:
+            srv.start()
+        except Exception as e:  # noqa: BLE001 - checked below
+            errors.append(e)
+
+    t = threading.Thread(target=start)
+    t.start()
+    deadline = time.monotonic() + 120
+    while srv.proc is None and t.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    foreign = HTTPServer(("127.0.0.1", srv.port), _Health)  # the port is taken before ours binds it
+    threading.Thread(target=foreign.serve_forever, daemon=True).start()
+    try:
+        go.touch()
+        t.join(timeout=300)
+    finally:
+        foreign.shutdown()
+        foreign.server_close()
+    assert errors, "start() took the foreign server's answer for its own"
+    msg = str(errors[0])
+    assert "not the server started here" in msg and f"pid {os.getpid()}" in msg, msg
+    assert not srv.running and _gone(srv.pid)
+
+
+def test_a_server_started_in_a_thread_outlives_the_thread(fake_cli):
+    srv = serving.Server(fake_cli, device="cpu", startup_timeout=300)
+    t = threading.Thread(target=srv.start)
+    t.start()
+    t.join(timeout=300)
+    try:
+        assert srv.running
+        # the old parent-death signal fired when the starting thread ended (rc -15 about 1 s later):
+        # watch for 5 s that the server keeps running and answering
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            assert srv.running and serving.http_get(srv.url + "/health")[0] == 200, srv.proc.poll()
+            time.sleep(0.2)
+    finally:
+        srv.stop()
+    assert _gone(srv.pid)
+
+
+def test_the_log_goes_after_a_clean_stop_and_stays_after_a_failure(fake_cli, monkeypatch):
+    with serving.Server(fake_cli, device="cpu", startup_timeout=300) as srv:
+        log = srv.log_path
+        assert log.exists() and "fake serve on 127.0.0.1" in srv.log_tail()
+    assert not log.exists()
+    monkeypatch.setenv("FAKE_SERVE_FAIL", "1")
+    srv = serving.Server(fake_cli, device="cpu", startup_timeout=300)
+    with pytest.raises(RuntimeError, match="exited with code 4") as err:
+        srv.start()
+    try:
+        assert str(srv.log_path) in str(err.value) and "failing on purpose" in srv.log_path.read_text()
+    finally:
+        srv.log_path.unlink()
+
+
+def test_extra_args_cannot_move_the_server_off_loopback():
+    with pytest.raises(ValueError, match=r"may not set --host.*127.0.0.1"):
+        serving.Server("x", device="cpu", extra_args=["--host", "0.0.0.0"])
+    with pytest.raises(ValueError, match=r"may not set --port=1"):
+        serving.Server("x", device="cpu", extra_args=["--port=1"])
