@@ -57,7 +57,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="auto: on a GPU only")
     ap.add_argument("--int8", choices=("auto", *quant.IMPLS), default="triton",
                     help="Int8Linear implementation; auto: the fastest in a one-matrix test (default: %(default)s)")
-    ap.add_argument("--tol", type=float, nargs=2, default=(0.1, 0.3), metavar=("BF16", "INT8"),
+    ap.add_argument("--tol", type=float, nargs=2, default=(decode.LOGIT_TOL["bfloat16"], decode.INT8_TOL),
+                    metavar=("BF16", "INT8"),
                     help="relative logit error allowed (default: %(default)s)")
     ap.add_argument("--profile", default="", help="comma list of rungs to profile kernel by kernel")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip the stages left after this many seconds")

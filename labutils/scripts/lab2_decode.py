@@ -234,7 +234,7 @@ def main(argv=None):
     dt, world = getattr(torch, a.dtype), ctx.world
     tp_sizes = a.tp or sorted({1, min(2, world), world})
     hf_sizes = [t for t in (a.hf_tp if a.hf_tp is not None else sorted({2, world})) if 1 < t <= world]
-    tol = a.tol or (2e-2 if a.dtype in ("bfloat16", "float16") else 1e-4)
+    tol = a.tol or decode.LOGIT_TOL[a.dtype]  # lab4's tolerances: bf16 reorders sums (5e-2 on random weights)
     path = weights_dir(a.model, dt, ctx)
     from transformers import AutoConfig, AutoModelForCausalLM
 
