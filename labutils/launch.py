@@ -99,7 +99,10 @@ def plan(nproc: int, backend: str | None = None) -> Plan:
     why = "gloo was asked for" if backend == "gloo" else why
     msg = (f"{why}; with {nproc} GPUs this would run {nproc} nccl rank(s), one per GPU. Running {nproc} gloo "
            f"CPU rank(s) standing in for them: same script and collectives, CPU timings.")
-    return Plan(nproc, "gloo", "cpu", True, msg, {"SMML_DIST_BACKEND": "gloo"})
+    # CPU ranks must not see the GPUs they stand in for: a library that finds CUDA would put rank r on GPU r
+    # (transformers' TP does: "invalid device ordinal" on a 1-GPU box), and the small profile follows by itself
+    hide = {"CUDA_VISIBLE_DEVICES": ""} if gpus else {}
+    return Plan(nproc, "gloo", "cpu", True, msg, {"SMML_DIST_BACKEND": "gloo"} | hide)
 
 
 # ---------------------------------------------------------------- ports, commands, environment

@@ -178,7 +178,7 @@ def test_plan_on_cpu_stands_in_with_gloo(monkeypatch):
     p = launch.plan(4)
     assert (p.nproc, p.backend, p.device, p.simulated) == (4, "gloo", "cpu", True)
     assert "4 gloo CPU rank(s) standing in" in p.message and "4 nccl" in p.message
-    assert "\n" not in p.message and p.env["SMML_DIST_BACKEND"] == "gloo"
+    assert "\n" not in p.message and p.env == {"SMML_DIST_BACKEND": "gloo"}  # no GPU to hide
     with pytest.raises(ValueError, match="needs one GPU per rank.*0 GPU"):
         launch.plan(4, backend="nccl")
 
@@ -188,6 +188,9 @@ def test_plan_on_gpus(monkeypatch):
     p = launch.plan(4)
     assert (p.backend, p.device, p.simulated, p.env) == ("nccl", "cuda", False, {})
     assert launch.plan(8).backend == "gloo"  # more ranks than GPUs: simulated, not an error
+    # the stand-in CPU ranks do not see the GPUs (a library finding CUDA would put rank r on GPU r)
+    assert launch.plan(8).env == {"SMML_DIST_BACKEND": "gloo", "CUDA_VISIBLE_DEVICES": ""}
+    assert launch.plan(2, backend="gloo").env["CUDA_VISIBLE_DEVICES"] == ""
     with pytest.raises(ValueError, match="nproc <= 4"):
         launch.plan(8, backend="nccl")
     with pytest.raises(ValueError):
