@@ -15,6 +15,7 @@ Used in lab2 §Four ranks and lab3 (every section).
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 
@@ -91,7 +92,15 @@ def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
 
 
+def say(*args, sep: str = " ") -> None:
+    """Print one whole line from this rank in ONE write(2). ``print`` writes the text and the newline
+    apart, so two ranks sharing torchrun's pipe can glue their lines together (seen: rank 1's ``READY``
+    line inside rank 0's); one write of less than PIPE_BUF bytes to a pipe is never split."""
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), (sep.join(map(str, args)) + "\n").encode())
+
+
 def print0(*args, **kwargs) -> None:
-    """``print`` on rank 0 only, flushed so that torchrun's output shows it at once."""
+    """One line on rank 0 only, at once (``dist.say``); with ``print``'s keywords, ``print`` flushed."""
     if rank() == 0:
-        print(*args, **kwargs, flush=True)
+        say(*args) if not kwargs else print(*args, **kwargs, flush=True)

@@ -8,6 +8,8 @@ Multi-rank runs of the same code are in test_launch.py (dist_check under torchru
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,3 +74,24 @@ def test_dist_check_writes_nothing_without_out(world_of_one, tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     assert dist_check.main([]) == 0
     assert list(tmp_path.iterdir()) == []
+
+
+def test_lines_of_ranks_sharing_a_pipe_never_interleave(tmp_path):
+    """Two processes writing lines to one pipe, as torchrun's workers do: every line arrives whole.
+    (With ``print`` a rank's READY line was seen glued inside another rank's line, so the fault drill
+    never learnt rank 1's pid.)"""
+    import subprocess
+    import sys
+
+    code = ("import sys; from labutils import dist\n"
+            "for i in range(3000): dist.say(f'R{sys.argv[1]} line {i:05d} ' + 'x' * 150 + ' end')")
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parent.parent), "PYTHONUNBUFFERED": "1", "PATH": "/usr/bin:/bin"}
+    r, w = os.pipe()
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(k)], stdout=w, env=env) for k in (0, 1)]
+    os.close(w)
+    with os.fdopen(r) as f:
+        lines = f.read().splitlines()
+    assert all(p.wait(timeout=600) == 0 for p in procs)
+    assert len(lines) == 6000
+    bad = [x for x in lines if not (x.startswith(("R0 line ", "R1 line ")) and x.endswith(" end") and len(x) == 168)]
+    assert not bad, f"{len(bad)} lines came out mixed, e.g. {bad[0][:100]!r}"

@@ -72,7 +72,7 @@ def layout(ctx) -> list[dict]:
 
 def drills(args, ctx) -> None:
     if args.fail_rank == ctx.rank:
-        print(f"rank {ctx.rank}: --fail-rank, exiting with code 3", flush=True)
+        dist.say(f"rank {ctx.rank}: --fail-rank, exiting with code 3")
         sys.exit(3)
     if args.fail_rank is not None and 0 <= args.fail_rank < ctx.world:
         # the others wait instead of meeting the dead rank in a collective: otherwise one of them may crash
@@ -80,7 +80,7 @@ def drills(args, ctx) -> None:
         # torchrun sees rank R's exit within its monitor interval (0.1 s) and stops these ranks.
         time.sleep(30)
     if args.hang_rank == ctx.rank:
-        print(f"rank {ctx.rank}: --hang-rank, sleeping forever", flush=True)
+        dist.say(f"rank {ctx.rank}: --hang-rank, sleeping forever")
         while True:
             time.sleep(3600)
 

@@ -164,10 +164,10 @@ def save(args, step: int, model, opt, ctx) -> None:
 def drills(args, step: int, ctx) -> None:
     """Before step ``step`` (1-based, as the step lines count) runs."""
     if args.crash_at_step == step and args.crash_rank == ctx.rank and attempt() == 0:
-        print(f"CRASH rank={ctx.rank} step={step} attempt={attempt()} t={time.time():.3f}", flush=True)
+        dist.say(f"CRASH rank={ctx.rank} step={step} attempt={attempt()} t={time.time():.3f}")
         os.kill(os.getpid(), signal.SIGKILL)
     if args.hang_at_step == step and args.hang_rank == ctx.rank:
-        print(f"HANG rank={ctx.rank} step={step} t={time.time():.3f}", flush=True)
+        dist.say(f"HANG rank={ctx.rank} step={step} t={time.time():.3f}")
         while True:
             time.sleep(3600)
 
@@ -229,14 +229,14 @@ def check_world(ctx) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.exit_before_init is not None and int(os.environ.get("RANK", 0)) == args.exit_before_init:
-        print(f"rank {args.exit_before_init}: --exit-before-init, exiting with code 4", flush=True)
+        dist.say(f"rank {args.exit_before_init}: --exit-before-init, exiting with code 4")
         return 4
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (before CUDA starts)
     torch.use_deterministic_algorithms(True, warn_only=True)  # so that a resumed run can match bit for bit
     ctx = dist.init(timeout_s=args.timeout)
-    print(f"READY rank={ctx.rank} world={ctx.world} node={os.environ.get('GROUP_RANK', 0)} "
-          f"local_rank={ctx.local_rank} pid={os.getpid()} attempt={attempt()} backend={ctx.backend} "
-          f"import_s={time.time() - T_START:.2f} t={time.time():.3f}", flush=True)
+    dist.say(f"READY rank={ctx.rank} world={ctx.world} node={os.environ.get('GROUP_RANK', 0)} "
+             f"local_rank={ctx.local_rank} pid={os.getpid()} attempt={attempt()} backend={ctx.backend} "
+             f"import_s={time.time() - T_START:.2f} t={time.time():.3f}")
     world = check_world(ctx)
     nodes = sorted({r["node"] for r in world["layout"]})
     dist.print0(f"{sizes()[1]}; model {args.model} with {args.layers} layers, vocab {args.vocab}; "
