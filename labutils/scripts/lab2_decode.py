@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.distributed as tdist
 
-from labutils import decode, dist, lean, models, profile, results, timing
+from labutils import decode, dist, hardware, lean, models, profile, results, timing
 from labutils.parallel import comms, memory, tensor
 from labutils.timing import rel_err
 
@@ -254,6 +254,7 @@ def main(argv=None):
     rec["decode"] = [r for r in (run_layout(kind, k, a, path, dt, ctx, (ids, forced, ref_forced, tol))
                                  for kind, k in layouts) if r is not None or ctx.rank != 0]
     if ctx.is_main and a.out:
+        rec["fingerprint"] = hardware.fingerprint()
         results.atomic_write_bytes(a.out, json.dumps(rec, indent=1).encode())
     dist.destroy()
     return rec
