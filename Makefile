@@ -38,7 +38,7 @@ lint: setup
 
 # pytest exits 5 when it collects nothing; that is not a failure of the code.
 test: setup lint
-	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest tests $(LABS) --nbval-lax --nbval-current-env; \
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest tests $(LABS) --nbval-lax --nbval-current-env --durations=15; \
 	  rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
 
 # A deliberate reference run on real GPUs: writes into results/<gpu-slug>/.
