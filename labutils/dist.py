@@ -96,8 +96,15 @@ def say(*args, sep: str = " ") -> None:
     """Print one whole line from this rank in ONE write(2). ``print`` writes the text and the newline
     apart, so two ranks sharing torchrun's pipe can glue their lines together (seen: rank 1's ``READY``
     line inside rank 0's); one write of less than PIPE_BUF bytes to a pipe is never split."""
+    line = sep.join(map(str, args)) + "\n"
+    if sys.stdout is None:  # no stdout at all (pythonw, a closed stream): nothing to say
+        return
+    if sys.stdout is not sys.__stdout__:  # captured (pytest, a notebook): through its own write
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        return
     sys.stdout.flush()
-    os.write(sys.stdout.fileno(), (sep.join(map(str, args)) + "\n").encode())
+    os.write(sys.stdout.fileno(), line.encode())
 
 
 def print0(*args, **kwargs) -> None:
