@@ -9,16 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from labutils import collectives, dist, launch, topology
-
-
-@pytest.fixture
-def world_of_one(monkeypatch):
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SMML_DIST_BACKEND"):
-        monkeypatch.delenv(k, raising=False)
-    ctx = dist.init(timeout_s=30)
-    yield ctx
-    dist.destroy()
+from labutils import collectives, launch, topology
 
 
 # ---------------------------------------------------------------- busbw

@@ -18,16 +18,6 @@ from labutils import collectives, dist
 from labutils.scripts import dist_check
 
 
-@pytest.fixture
-def world_of_one(monkeypatch):
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SMML_DIST_BACKEND"):
-        monkeypatch.delenv(k, raising=False)
-    ctx = dist.init(timeout_s=30)
-    yield ctx
-    dist.destroy()
-    assert not torch.distributed.is_initialized()
-
-
 def test_init_world_of_one_without_torchrun(world_of_one):
     ctx = world_of_one
     assert (ctx.rank, ctx.world, ctx.local_rank, ctx.backend) == (0, 1, 0, "gloo")

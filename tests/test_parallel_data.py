@@ -9,17 +9,9 @@ import types
 import pytest
 import torch
 
-from labutils import dist, launch, timing
+from labutils import launch, timing
 from labutils.parallel import data as dp
 from labutils.parallel import pipeline as pl
-
-
-@pytest.fixture
-def world_of_one(monkeypatch):
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SMML_DIST_BACKEND"):
-        monkeypatch.delenv(k, raising=False)
-    yield dist.init(timeout_s=30)
-    dist.destroy()
 
 
 def test_rank_bytes_counts_params_grads_and_adam_state():

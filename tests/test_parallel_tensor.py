@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from labutils import dist, launch, models
+from labutils import launch, models
 from labutils.parallel import comms, mesh, tensor
 
 
@@ -40,14 +40,6 @@ def test_more_ranks_than_gpus_with_nccl():
     gpus = torch.cuda.device_count()
     with pytest.raises(ValueError, match="one GPU per rank"):
         launch.plan(gpus + 1, backend="nccl")
-
-
-@pytest.fixture
-def world_of_one(monkeypatch):
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SMML_DIST_BACKEND"):
-        monkeypatch.delenv(k, raising=False)
-    yield dist.init(timeout_s=30)
-    dist.destroy()
 
 
 def test_megatron_mlp_at_world_one_is_the_dense_mlp(world_of_one):
