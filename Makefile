@@ -13,6 +13,10 @@ PYTHON ?= $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 LABS ?= $(sort $(wildcard lab*.ipynb))
 NB_TIMEOUT ?= 3600
+# make test spreads the test files and notebooks over this many pytest-xdist workers (a file stays on one
+# worker: a notebook's cells share its kernel). Most of a test's time is torchrun ranks starting up and
+# gloo waiting on loopback, so two workers keep a 2-core box busy; TEST_WORKERS=0 runs them in one process.
+TEST_WORKERS ?= 2
 STAMP := $(VENV)/.installed
 
 .PHONY: setup lab run execute test lint reference clean
@@ -38,7 +42,8 @@ lint: setup
 
 # pytest exits 5 when it collects nothing; that is not a failure of the code.
 test: setup lint
-	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest tests $(LABS) --nbval-lax --nbval-current-env --durations=15; \
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest tests $(LABS) --nbval-lax --nbval-current-env --durations=15 \
+	  -n $(TEST_WORKERS) --dist loadfile; \
 	  rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
 
 # A deliberate reference run on real GPUs: writes into results/<gpu-slug>/.

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import fcntl
 import os
 import pwd
 import random
@@ -47,6 +48,7 @@ REPO = HERE.parent.parent
 TOOLS = ("slurmctld", "slurmd", "sbatch", "sinfo", "scontrol", "squeue", "scancel", "munged")
 APT = "apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge"
 MARKER = "SMML_LOCAL_SLURM"
+HOST_LOCK = Path(tempfile.gettempdir()) / "smml-local-slurm.lock"  # held by the cluster that is up
 DONE_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
                "BOOT_FAIL", "DEADLINE"}
 
@@ -107,6 +109,7 @@ class LocalSlurm:
         self.timeout = timeout
         self.procs: dict[str, subprocess.Popen] = {}
         self.started_s: float | None = None
+        self._lock = None  # open file holding HOST_LOCK while this cluster is up
 
     # ------------------------------------------------------------ bring-up
     def __enter__(self) -> LocalSlurm:
@@ -129,6 +132,7 @@ class LocalSlurm:
         if why:
             raise RuntimeError(why)
         t0 = time.monotonic()
+        self._take_host_lock()
         if self.scratch is None:
             self.scratch = Path(tempfile.mkdtemp(prefix="smml-slurm-"))
         atexit.register(self.stop)  # a notebook kernel that exits still stops the cluster
@@ -143,6 +147,26 @@ class LocalSlurm:
             self.stop()
             raise
         self.started_s = time.monotonic() - t0
+
+    def _take_host_lock(self, wait_s: float = 1800.0) -> None:
+        """One local cluster per host at a time (a test and a notebook may run side by side under pytest-xdist):
+        wait for the other one to stop. The kernel drops the lock when its holder dies, so none is ever stale."""
+        f = open(HOST_LOCK, "a+")  # noqa: SIM115 - held open until stop()
+        end, said = time.monotonic() + wait_s, False
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > end:
+                    f.close()
+                    raise RuntimeError(f"another local Slurm cluster held {HOST_LOCK} for {wait_s:.0f} s: stop it "
+                                       "(LocalSlurm.stop(), or end the process that started it) and retry") from None
+                if not said:
+                    print(f"waiting for another local Slurm cluster on this host to stop ({HOST_LOCK})", flush=True)
+                    said = True
+                time.sleep(0.5)
+        self._lock = f
 
     def _write_config(self) -> None:
         s = self.scratch
@@ -255,6 +279,7 @@ class LocalSlurm:
     def stop(self, grace: float = 10.0) -> None:
         """Cancel every job, shut the daemons down, signal what is left by pid, delete the scratch folder."""
         if self.scratch is None:
+            self._release_host_lock()
             return
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
             subprocess.run([_which("scancel"), "--full", "--user", str(os.geteuid())], env=self.env(),
@@ -277,6 +302,12 @@ class LocalSlurm:
         self.procs.clear()
         shutil.rmtree(self.scratch, ignore_errors=True)
         self.scratch = None
+        self._release_host_lock()
+
+    def _release_host_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the file drops the flock
+            self._lock = None
 
     def _ours(self) -> list[int]:
         """Live pids (besides this one) whose environment carries this cluster's marker: stepds, job processes."""
