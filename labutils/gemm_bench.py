@@ -95,8 +95,8 @@ class Search:
             return {"m": r.m, "n": r.n, "k": r.k, "tflops": r.flops_per_s / 1e12, "rel_err": r.rel_err}
 
         return {"dtype": self.dtype, "values": list(self.values), "n_total": self.n_total,
-                "n_done": len(self.results), "seconds": self.seconds, "budget_s": self.budget_s, "settle_s": self.best.timing.settle_s,
-                "best": self.best.as_dict(),
+                "n_done": len(self.results), "seconds": self.seconds, "budget_s": self.budget_s,
+                "settle_s": self.best.timing.settle_s, "best": self.best.as_dict(),
                 "confirmed": [row(r) for r in self.confirmed], "results": [row(r) for r in self.results]}
 
 
@@ -118,7 +118,7 @@ def search(values, dtype: str = "bfloat16", *, device=None, budget_s: float = 90
     t0 = time.perf_counter()
     done = []
     for m, n, k in tqdm(grid, desc=f"shape search ({dtype})", disable=not progress, leave=False):
-        if time.perf_counter() - t0 > budget_s:
+        if done and time.perf_counter() - t0 > budget_s:  # the middle cube is always timed
             break
         done.append(hardware.gemm(m, n, k, dtype, device, reps=10, max_time_s=0.3, settle_s=settle_s))
     done.sort(key=lambda r: -r.flops_per_s)

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_fixed_tile_gemm.py (it sets TRITON_INTERPRET=1)"
+assert os.environ.get("TRITON_INTERPRET") == "1", "run it through tests/test_fixed_tile_gemm.py (sets TRITON_INTERPRET)"
 
 from labutils import timing  # noqa: E402
 from labutils.kernels import fixed_tile_gemm as ftg  # noqa: E402

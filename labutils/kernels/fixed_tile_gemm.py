@@ -129,7 +129,8 @@ def sweep(shapes, dtype=torch.bfloat16, device="cuda", reps: int = 30, calls: in
         if not err < TOL[dtype]:
             raise RuntimeError(f"fixed-tile GEMM {m}x{n}x{k}: rel err {err:.1e} vs torch.matmul")
         outs = [torch.empty(m, n, device=device, dtype=dtype) for _ in range(rot)]
-        g = timing.graphed(lambda: [launch(*ops[i % rot], out=outs[i % rot]) for i in range(calls)], device=device)
+        g = timing.graphed(lambda ops=ops, outs=outs: [launch(*ops[i % len(ops)], out=outs[i % len(ops)])
+                                                       for i in range(calls)], device=device)
         t = timing.benchmark(g.run, device=device, reps=reps, settle_s=0.25, label=f"fixed tile {m}x{n}x{k}")
         out.append({"m": m, "n": n, "k": k, "rel_err": err, "s": t.median_s / calls,
                     "spread": t.spread, "flops_per_s": 2 * m * n * k * calls / t.median_s})
