@@ -10,7 +10,8 @@ SM count.
 - ``matmul(a, b)``: the kernel on a GPU (Triton), the same tile loop in plain torch elsewhere (``tiled``);
 - ``predict(m, n, k, sms)``: tiles, waves and the efficiency T / (waves · SMs · per_sm);
 - ``sweep(shapes, dtype)``: check each product against torch.matmul, then time it (CUDA-graph replays);
-- ``figure(...)``: fixed tile vs cuBLAS vs the prediction, the predicted drops marked.
+- ``figure(...)``: fixed tile vs cuBLAS vs the prediction, the predicted drops marked;
+- ``python -m labutils.kernels.fixed_tile_gemm --out x.json`` (a GPU): the same sweep from the shell.
 
 Tested under ``TRITON_INTERPRET=1`` at tiny sizes (tests/fixed_tile_interpreted.py). Used in lab1 §5b
 Wave quantization.
@@ -153,3 +154,40 @@ def figure(ns, fixed: list[dict] | None, cublas, eff, drop_ns, title: str):
         ax.axvline(n, color="red", ls=":", lw=1, label="predicted drop (a new wave starts)" if i == 0 else None)
     ax.legend(fontsize=7)
     return fig
+
+
+def main(argv=None) -> int:
+    """``python -m labutils.kernels.fixed_tile_gemm``: the pinned tile vs cuBLAS over N on this GPU, as JSON."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    from .. import hardware
+    from ..results import atomic_write_bytes
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--m", type=int, default=2048, help="rows of A and C (default: %(default)s)")
+    ap.add_argument("--k", type=int, default=4096, help="inner size (default: %(default)s)")
+    ap.add_argument("--n", default="128:6912:128", help="N as start:stop:step, stop included (default: %(default)s)")
+    ap.add_argument("--out", default="fixed_tile_gemm.json", help="JSON written here (default: %(default)s)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available() or triton is None:
+        raise SystemExit("needs a CUDA GPU with Triton; on a CPU run tests/test_fixed_tile_gemm.py (interpreter)")
+    a, b, c = (int(x) for x in args.n.split(":"))
+    ns, sms = list(range(a, b + 1, c)), torch.cuda.get_device_properties(0).multi_processor_count
+    fixed = sweep([(args.m, n, args.k) for n in ns])
+    cublas = [hardware.gemm(args.m, n, args.k, "bfloat16", graph=True).flops_per_s for n in ns]
+    eff, drop_ns = [predict(args.m, n, sms, slots_per_sm=per_sm(device=0))[2] for n in ns], drops(ns, args.m, sms)
+    for n in drop_ns:
+        j = ns.index(n)
+        print(f"N {ns[j - 1]} -> {n}: predicted x{eff[j] / eff[j - 1]:.2f}, pinned tile "
+              f"x{fixed[j]['flops_per_s'] / fixed[j - 1]['flops_per_s']:.2f}, cuBLAS x{cublas[j] / cublas[j - 1]:.2f}")
+    doc = {"fingerprint": hardware.fingerprint(), "block": BLOCK, "sms": sms, "m": args.m, "k": args.k, "n": ns,
+           "drops": drop_ns, "predicted": eff, "fixed": fixed, "cublas_flops_per_s": cublas}
+    atomic_write_bytes(Path(args.out), json.dumps(doc, indent=1, default=str).encode())
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
