@@ -1,4 +1,4 @@
-"""The hand-written Triton kernels (lab4's, and lab1's fixed-tile GEMM), and the one place in labutils that imports Triton.
+"""The hand-written Triton kernels (lab4's; lab1's fixed-tile GEMM), the one place in labutils that imports Triton.
 
 - ``gemv``: the batch-1 matrix-vector kernel (bf16 or int8 weights; RMSNorm, residual add and SiLU-GLU fused
   in) as the custom op ``torch.ops.smml.gemv``, its plain-torch ``reference`` and the ``Linear`` layer;
