@@ -38,7 +38,9 @@ def test_the_explanation_follows_the_measured_direction():
 def test_a_wide_spread_is_called_noise():
     rows = [rung("0", 100, 50, 1.0, 1.0, 0.3), rung("1 + bf16", 80, 50, 2.0, 1.25, 0.3)] + \
         [rung(str(i), 80, 50, 1.0, 1.0) for i in range(2, 5)]
-    assert "no change beyond the timing spread" in readout.ladder(rows)[0] and "+-60%" in readout.ladder(rows)[0]
+    line = readout.ladder(rows)[0]
+    assert "inside the timing spread: unreadable here" in line and "+-60%" in line and "re-run" in line
+    assert "per-op cost" not in line  # no explanation offered for a change the noise can hide
 
 
 def test_spread_note_only_for_a_wide_spread_and_prints_it():
