@@ -27,3 +27,10 @@ def test_kernel_matches_torch_matmul(dtype, m, n, k, block):
 def test_kernel_reads_strided_operands():
     a, b = torch.randn(40, 24), torch.randn(48, 24)  # B passed transposed: strides (1, 24)
     assert timing.rel_err(ftg.launch(a, b.T, (16, 16, 16)), a.double() @ b.double().T) < 1e-2
+
+
+def test_sweep_checks_then_times_each_shape():
+    # lab1 §5b′'s GPU path end to end, on CPU tensors (its timings mean nothing here)
+    rows = ftg.sweep([(8, 300, 16)], torch.float16, device="cpu", reps=1, calls=1, progress=False)
+    assert [(r["m"], r["n"], r["k"]) for r in rows] == [(8, 300, 16)]
+    assert all(r["rel_err"] < 1e-2 and r["s"] > 0 and r["flops_per_s"] > 0 for r in rows)

@@ -120,7 +120,8 @@ def sweep(shapes, dtype=torch.bfloat16, device="cuda", reps: int = 30, calls: in
     replay, divided back), TFLOP/s. Operands rotate when they fit in the L2, as in ``gemm_bench.sweep``."""
     from tqdm.auto import tqdm
 
-    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20)
+    dev = torch.device(device)  # a CPU only under TRITON_INTERPRET=1 (the tests): no graphs, nothing meaningful
+    l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 * 2**20) if dev.type == "cuda" else 2**20
     out = []
     for m, n, k in tqdm(list(shapes), desc="fixed-tile N sweep", disable=not progress, leave=False):
         rot = max(1, min(16, math.ceil(2 * l2 / ((m * k + k * n + m * n) * 2))))
@@ -132,7 +133,8 @@ def sweep(shapes, dtype=torch.bfloat16, device="cuda", reps: int = 30, calls: in
         outs = [torch.empty(m, n, device=device, dtype=dtype) for _ in range(rot)]
         g = timing.graphed(lambda ops=ops, outs=outs: [launch(*ops[i % len(ops)], out=outs[i % len(ops)])
                                                        for i in range(calls)], device=device)
-        t = timing.benchmark(g.run, device=device, reps=reps, settle_s=0.25, label=f"fixed tile {m}x{n}x{k}")
+        t = timing.benchmark(g.run, device=device, reps=reps, settle_s=0.25 if dev.type == "cuda" else 0.0,
+                             label=f"fixed tile {m}x{n}x{k}")
         out.append({"m": m, "n": n, "k": k, "rel_err": err, "s": t.median_s / calls,
                     "spread": t.spread, "flops_per_s": 2 * m * n * k * calls / t.median_s})
     return out
