@@ -34,3 +34,9 @@ def test_sweep_checks_then_times_each_shape():
     rows = ftg.sweep([(8, 300, 16)], torch.float16, device="cpu", reps=1, calls=1, progress=False)
     assert [(r["m"], r["n"], r["k"]) for r in rows] == [(8, 300, 16)]
     assert all(r["rel_err"] < 1e-2 and r["s"] > 0 and r["flops_per_s"] > 0 for r in rows)
+
+
+def test_the_occupancy_probe_launches_with_the_kernels_signature():
+    # programs_per_sm's one-tile launch (on a GPU it then reads registers and shared memory of what compiled)
+    ftg._probe(torch.device("cpu"), torch.float16)
+    assert ftg.programs_per_sm("cpu") == ftg.per_sm() == 1

@@ -8,7 +8,8 @@ So T tiles run in ⌈T / SMs⌉ waves of equal length, and time per FLOP jumps w
 SM count.
 
 - ``matmul(a, b)``: the kernel on a GPU (Triton), the same tile loop in plain torch elsewhere (``tiled``);
-- ``predict(m, n, k, sms)``: tiles, waves and the efficiency T / (waves · SMs · per_sm);
+- ``predict(m, n, sms)``: tiles, waves and the efficiency T / (waves · SMs · programs per SM), the latter read
+  from the compiled kernel's registers and shared memory (``programs_per_sm``);
 - ``sweep(shapes, dtype)``: check each product against torch.matmul, then time it (CUDA-graph replays);
 - ``figure(...)``: fixed tile vs cuBLAS vs the prediction, the predicted drops marked;
 - ``python -m labutils.kernels.fixed_tile_gemm --out x.json`` (a GPU): the same sweep from the shell.
@@ -100,6 +101,32 @@ def per_sm(block=BLOCK, stages: int = STAGES, elem: int = 2, device=None) -> int
     return max(1, have // need)
 
 
+def _probe(dev: torch.device, dtype=torch.bfloat16):
+    """One launch of the kernel on a one-tile problem; returns what Triton returns (the compiled kernel)."""
+    a = torch.zeros(BLOCK[0], BLOCK[2], device=dev, dtype=dtype)
+    b = torch.zeros(BLOCK[2], BLOCK[1], device=dev, dtype=dtype)
+    c = torch.empty(BLOCK[0], BLOCK[1], device=dev, dtype=dtype)
+    return _kernel[(1, 1)](a, b, c, a.shape[0], b.shape[1], a.shape[1], a.stride(0), a.stride(1), b.stride(0),
+                           b.stride(1), c.stride(0), c.stride(1), BLOCK_M=BLOCK[0], BLOCK_N=BLOCK[1], BLOCK_K=BLOCK[2],
+                           num_warps=WARPS, num_stages=STAGES)
+
+
+def programs_per_sm(device=None) -> int:
+    """On a GPU: how many programs of the compiled kernel fit on one SM at once, from its registers and shared
+    memory as Triton compiled it (the wave size is that x SMs); elsewhere the shared-memory estimate ``per_sm``."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if triton is None or dev.type != "cuda":
+        return per_sm()
+    k = _probe(dev)
+    regs, shared = getattr(k, "n_regs", None), getattr(getattr(k, "metadata", None), "shared", None)
+    if not regs or shared is None:
+        return per_sm(device=dev)
+    p = torch.cuda.get_device_properties(dev)
+    by_regs = getattr(p, "regs_per_multiprocessor", 65536) // (regs * 32 * WARPS)
+    by_smem = getattr(p, "shared_memory_per_multiprocessor", 228 * 2**10) // max(shared, 1)
+    return max(1, min(by_regs, by_smem, getattr(p, "max_threads_per_multi_processor", 2048) // (32 * WARPS)))
+
+
 def predict(m: int, n: int, sms: int, block=BLOCK, slots_per_sm: int = 1) -> tuple[int, int, float]:
     """(tiles, waves, efficiency) for an m x n output: efficiency = tiles / (waves * SMs * slots_per_sm)."""
     tiles = math.ceil(m / block[0]) * math.ceil(n / block[1])
@@ -179,13 +206,15 @@ def main(argv=None) -> int:
     ns, sms = list(range(a, b + 1, c)), torch.cuda.get_device_properties(0).multi_processor_count
     fixed = sweep([(args.m, n, args.k) for n in ns])
     cublas = [hardware.gemm(args.m, n, args.k, "bfloat16", graph=True).flops_per_s for n in ns]
-    eff, drop_ns = [predict(args.m, n, sms, slots_per_sm=per_sm(device=0))[2] for n in ns], drops(ns, args.m, sms)
+    slots = programs_per_sm(0)
+    eff = [predict(args.m, n, sms, slots_per_sm=slots)[2] for n in ns]
+    drop_ns = drops(ns, args.m, sms, slots_per_sm=slots)
     for n in drop_ns:
         j = ns.index(n)
         print(f"N {ns[j - 1]} -> {n}: predicted x{eff[j] / eff[j - 1]:.2f}, pinned tile "
               f"x{fixed[j]['flops_per_s'] / fixed[j - 1]['flops_per_s']:.2f}, cuBLAS x{cublas[j] / cublas[j - 1]:.2f}")
-    doc = {"fingerprint": hardware.fingerprint(), "block": BLOCK, "sms": sms, "m": args.m, "k": args.k, "n": ns,
-           "drops": drop_ns, "predicted": eff, "fixed": fixed, "cublas_flops_per_s": cublas}
+    doc = {"fingerprint": hardware.fingerprint(), "block": BLOCK, "sms": sms, "per_sm": slots, "m": args.m,
+           "k": args.k, "n": ns, "drops": drop_ns, "predicted": eff, "fixed": fixed, "cublas_flops_per_s": cublas}
     atomic_write_bytes(Path(args.out), json.dumps(doc, indent=1, default=str).encode())
     print(f"wrote {args.out}")
     return 0
