@@ -72,6 +72,19 @@ class Search:
     confirmed: list  # second pass: the fastest few and the middle cube, timed like any lab GEMM
     n_total: int
     seconds: float
+    budget_s: float = float("inf")  # the first pass stopped starting new shapes after this many seconds
+
+    @property
+    def complete(self) -> bool:
+        return len(self.results) == self.n_total
+
+    def coverage(self) -> str:
+        """How many shapes the first pass timed and, if not all, why it stopped."""
+        if self.complete:
+            return f"searched all {self.n_total} shapes in {self.seconds:.0f} s"
+        return (f"searched {len(self.results)} of {self.n_total} shapes: the first pass stops starting new ones "
+                f"after its budget of {self.budget_s:g} s (profile.gemm_search_budget_s); {self.seconds:.0f} s "
+                f"in all")
 
     @property
     def best(self) -> hardware.GemmResult:
@@ -82,8 +95,8 @@ class Search:
             return {"m": r.m, "n": r.n, "k": r.k, "tflops": r.flops_per_s / 1e12, "rel_err": r.rel_err}
 
         return {"dtype": self.dtype, "values": list(self.values), "n_total": self.n_total,
-                "n_done": len(self.results), "seconds": self.seconds, "settle_s": self.best.timing.settle_s,
-                "best": self.best.as_dict(),
+                "n_done": len(self.results), "seconds": self.seconds, "budget_s": self.budget_s,
+                "settle_s": self.best.timing.settle_s, "best": self.best.as_dict(),
                 "confirmed": [row(r) for r in self.confirmed], "results": [row(r) for r in self.results]}
 
 
@@ -105,14 +118,26 @@ def search(values, dtype: str = "bfloat16", *, device=None, budget_s: float = 90
     t0 = time.perf_counter()
     done = []
     for m, n, k in tqdm(grid, desc=f"shape search ({dtype})", disable=not progress, leave=False):
-        if time.perf_counter() - t0 > budget_s:
+        if done and time.perf_counter() - t0 > budget_s:  # the middle cube is always timed
             break
         done.append(hardware.gemm(m, n, k, dtype, device, reps=10, max_time_s=0.3, settle_s=settle_s))
     done.sort(key=lambda r: -r.flops_per_s)
     again = list(dict.fromkeys([(r.m, r.n, r.k) for r in done[:confirm]] + [mid]))
     confirmed = sorted((hardware.gemm(*s, dtype, device, reps=reps, settle_s=settle_s) for s in again),
                        key=lambda r: -r.flops_per_s)
-    return Search(dtype, vals, done, confirmed, len(grid), time.perf_counter() - t0)
+    return Search(dtype, vals, done, confirmed, len(grid), time.perf_counter() - t0, budget_s)
+
+
+def fmt_flops(flops_per_s: float) -> str:
+    """A throughput in the unit that keeps 3 significant digits: ``"743 TFLOP/s"``, ``"1.2 GFLOP/s"``;
+    a positive rate is never printed as ``"0.0"`` (a CPU's bf16 is GFLOP/s, not TFLOP/s)."""
+    if not math.isfinite(flops_per_s) or flops_per_s <= 0:
+        return f"{flops_per_s:g} FLOP/s"
+    for scale, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"), (1.0, "")):
+        if flops_per_s >= scale or scale == 1.0:
+            v = flops_per_s / scale
+            return f"{v:.0f} {unit}FLOP/s" if v >= 99.95 else f"{v:.3g} {unit}FLOP/s"
+    raise AssertionError("unreachable")
 
 
 def table(results, ceil: roofline.Ceilings, series: str = "") -> list[dict]:
@@ -126,8 +151,14 @@ def table(results, ceil: roofline.Ceilings, series: str = "") -> list[dict]:
     return rows
 
 
-def outliers(rows: list[dict], ceil: roofline.Ceilings, below: float = 50.0, fixed_s: float = 10e-6):
-    """Rows under ``below`` % of roof (or over 110 %), each with the rule that most likely explains it."""
+def outliers(rows: list[dict], ceil: roofline.Ceilings, below: float = 50.0, fixed_s: float = 10e-6,
+             kind: str = "cuda"):
+    """Rows under ``below`` % of roof (or over 110 %), each with the rule that most likely explains it.
+
+    ``kind``: ``"cuda"`` or ``"cpu"`` (``hardware.describe().kind``): a CPU has no SMs, tiles or waves, and
+    its roofs are one large product and one DRAM read, so its outliers get the CPU's reasons."""
+    if kind != "cuda":
+        return [{**r, "why": _cpu_why(r)} for r in rows if not below <= r["% of roof"] <= 110]
     out = []
     for r in rows:
         pct, ridge = r["% of roof"], ceil.ridge(r["dtype"])
@@ -144,6 +175,16 @@ def outliers(rows: list[dict], ceil: roofline.Ceilings, below: float = 50.0, fix
             why = "too few tiles to fill every SM, or the library's kernel choice (section 5b)"
         out.append({**r, "why": why})
     return out
+
+
+def _cpu_why(r: dict) -> str:
+    """Why a CPU point is off its roof. On a CPU the % is of a roof measured with one large product."""
+    if r["% of roof"] > 110:
+        return ("CPU: above its roof - the roof is one large product and DRAM; this shape's operands sit in "
+                "the CPU's caches, or its library path (blocking, threads) beats that product")
+    if r["time"] < 50e-6:
+        return f"CPU: fixed per-call cost (framework dispatch, thread wake-up) in a {r['time'] * 1e6:.3g} us call"
+    return "CPU: the library's blocking and threading for this shape, or another process on the shared cores"
 
 
 # ---------------------------------------------------------------- wave quantization

@@ -1,6 +1,7 @@
 """What machine is this, what does its datasheet promise, and what does it deliver?
 
-- ``describe()``: the device the labs will use (GPU name, count, memory, SMs, L2; or the CPU).
+- ``describe()``: the device the labs will use (GPU name, count, memory, SMs, L2; or the CPU);
+  ``device_label()`` names it in plot titles.
 - ``datasheet()``: dense peak FLOP/s per dtype and memory bandwidth, from one table keyed
   by device name (never a magic constant in a lab).
 - ``measure_bandwidth()`` / ``gemm()`` / ``matmul_peak()``: the ceilings *measured* here,
@@ -116,6 +117,15 @@ def describe() -> DeviceInfo:
         return DeviceInfo("cuda", p.name, torch.cuda.device_count(), p.total_memory, p.multi_processor_count,
                           getattr(p, "L2_cache_size", None), f"{p.major}.{p.minor}", cpu_name(), cores)
     return DeviceInfo("cpu", cpu_name(), 1, _cpu_memory(), None, None, None, cpu_name(), cores)
+
+
+def device_label(info: DeviceInfo | None = None) -> str:
+    """The device for a plot title: ``"NVIDIA H200"`` (``" x4"`` with several GPUs), or
+    ``"CPU (2 cores, AMD EPYC 7B13)"`` — so that two machines' PNGs can be told apart."""
+    info = info or describe()
+    if info.kind == "cuda":
+        return info.name + (f" x{info.count}" if info.count > 1 else "")
+    return f"CPU ({info.cpu_cores} core{'s' if info.cpu_cores != 1 else ''}, {info.cpu or 'unknown model'})"
 
 
 def default_device() -> torch.device:

@@ -236,16 +236,38 @@ def roofline_figure(points: Sequence[Point], ceilings: Ceilings, title: str = "R
         i = series.index(p.series)
         ax.scatter(p.ai, p.flops_per_s / 1e12, color=_COLORS.get(p.dtype, "k"), edgecolor="k", zorder=3,
                    marker=_MARKERS[i % len(_MARKERS)], s=28)
-        if annotate:  # alternate sides by series so that labels of neighbouring series do not collide
-            ax.annotate(f"{ceilings.pct(p.flops_per_s, p.ai, p.dtype):.0f}%", (p.ai, p.flops_per_s / 1e12),
-                        textcoords="offset points", xytext=(4, -10 if i % 2 == 0 else 4), fontsize=6.5,
-                        color=_COLORS.get(p.dtype, "k"))
+    if annotate:
+        _place_labels(ax, [(p.ai, p.flops_per_s / 1e12, f"{ceilings.pct(p.flops_per_s, p.ai, p.dtype):.0f}%",
+                            _COLORS.get(p.dtype, "k")) for p in points])
     for s in series:
         ax.scatter([], [], marker=_MARKERS[series.index(s) % len(_MARKERS)], color="w", edgecolor="k", label=s)
     if ceilings.datasheet_bw:
         ax.plot([], [], color="gray", ls="--", lw=1, label="datasheet roofs (dashed)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
+
+
+_OFFSETS = [(4, 3), (4, -10), (-22, 3), (-22, -10), (4, 11), (4, -18), (-22, 11), (-22, -18), (12, -4), (-30, -4)]
+
+
+def _place_labels(ax, items, fontsize: float = 6.5) -> None:
+    """Annotate (x, y, text, color) items, each at the first offset whose box overlaps no label placed
+    before it and no marker (greedy, in display pixels): points of two dtypes often coincide."""
+    ax.get_xlim(), ax.get_ylim()  # applies the pending autoscale: data -> pixel is final from here
+    px = ax.figure.dpi / 72
+    marks = [tuple(ax.transData.transform((x, y))) for x, y, _, _ in items]
+    boxes = [(mx - 4 * px, my - 4 * px, mx + 4 * px, my + 4 * px) for mx, my in marks]
+    for (x, y, text, color), (mx, my) in zip(items, marks):
+        w, h = 0.62 * fontsize * len(text) * px, 1.15 * fontsize * px
+        cands = [(mx + dx * px, my + dy * px, mx + dx * px + w, my + dy * px + h) for dx, dy in _OFFSETS]
+        hits = [sum(_overlap(c, b) for b in boxes) for c in cands]
+        j = hits.index(min(hits))
+        boxes.append(cands[j])
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=_OFFSETS[j], fontsize=fontsize, color=color)
+
+
+def _overlap(a, b) -> float:
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
 
 
 # ---------------------------------------------------------------- measured: one forward step

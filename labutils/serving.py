@@ -98,8 +98,11 @@ class Server:
         return ["transformers", "serve", self.model, "--host", HOST, "--port", str(self.port),
                 "--device", self.device, "--dtype", self.dtype, *self.extra_args]
 
-    def start(self) -> Server:
-        """Start the server and wait until ``/health`` answers; raise with the log tail if not."""
+    def start(self, progress: bool = False) -> Server:
+        """Start the server and wait until ``/health`` answers; raise with the log tail if not.
+
+        ``progress``: a tqdm bar while it waits, with the seconds so far and the server log's latest line
+        (imports, model load, "Application startup complete"): a minute-long start on a CPU is never silent."""
         if self.running:
             return self
         if self.requested_port is not None and port_in_use(self.requested_port):
@@ -118,16 +121,41 @@ class Server:
         atexit.register(self.stop)
         t0 = time.perf_counter()
         try:
-            self._wait_healthy()
+            self._wait_healthy(progress)
         except BaseException:
             self.stop(keep_log=True)
             raise
         self.startup_s = time.perf_counter() - t0
         return self
 
-    def _wait_healthy(self) -> None:
+    def _wait_healthy(self, progress: bool = False) -> None:
+        from tqdm.auto import tqdm
+
         deadline = time.monotonic() + self.startup_timeout
+        bar = tqdm(desc="transformers serve: starting", bar_format="{desc} {elapsed} | {postfix}",
+                   disable=not progress)
+        try:
+            self._poll_health(deadline, bar)
+            bar.set_description_str("transformers serve: healthy")
+            bar.set_postfix_str(f"answering /health on port {self.port}")
+        finally:
+            bar.close()
+
+    def _log_phase(self) -> str:
+        """The log's last non-empty line, for the progress bar (a warning is named, not repeated)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(max(0, f.seek(0, 2) - 2048))
+                lines = [x.strip() for x in f.read().decode(errors="replace").splitlines() if x.strip()]
+        except OSError:
+            return ""
+        last = lines[-1] if lines else "python starting (imports)"
+        return "the log has a warning (see the log)" if "warn" in last.lower() else last[-70:]
+
+    def _poll_health(self, deadline: float, bar) -> None:
         while time.monotonic() < deadline:
+            if not bar.disable:
+                bar.set_postfix_str(self._log_phase(), refresh=True)
             if self.proc.poll() is not None:
                 raise RuntimeError(f"`{shlex.join(self.command())}` exited with code {self.proc.returncode} "
                                    f"before it was healthy. Last lines of {self.log_path}:\n{self.log_tail()}")

@@ -4,6 +4,7 @@ model (CPU)."""
 
 import json
 import math
+from pathlib import Path
 
 import matplotlib
 import pytest
@@ -239,3 +240,60 @@ def test_gemm_search_command_line_writes_its_json(tmp_path, capsys):
     rec = json.loads(out.read_text())
     assert rec["search"]["n_total"] == 8 and rec["search"]["best"]["rel_err"] < 1e-3 and "fingerprint" in rec
     assert "best of" in capsys.readouterr().out
+
+
+def _label_boxes(fig):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    r = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(r)
+    return [t.get_window_extent(r) for t in fig.axes[0].texts]
+
+
+def test_roofline_labels_never_overlap_on_the_h100_square_sweep():
+    # the committed H100 square sweep: fp16 and bf16 points coincide, fp8's sit between them (issue 13)
+    doc = json.loads((Path(__file__).parents[1] / "results/h100-80gb-hbm3/lab1.json").read_text())["sections"]
+    peaks = {d: r["flops_per_s"] for d, r in doc["ceilings"]["matmul"].items()}
+    ceil = roofline.Ceilings(doc["ceilings"]["bandwidth"]["read_Bps"], peaks)
+    pts = [roofline.gemm_point(hardware.GemmResult(r["m"], r["n"], r["k"], d, r["flops_per_s"], 0.0, None), d)
+           for d, rs in doc["sweep_square"].items() for r in rs]
+    boxes = _label_boxes(roofline.roofline_figure(pts, ceil))
+    assert len(boxes) == len(pts)
+    hits = [(i, j) for i in range(len(boxes)) for j in range(i) if boxes[i].overlaps(boxes[j])]
+    assert not hits, hits
+
+
+@pytest.mark.parametrize("rate,text", [(743.2e12, "743 TFLOP/s"), (1.23e12, "1.23 TFLOP/s"), (4.6e10, "46 GFLOP/s"),
+                                       (1.195e9, "1.2 GFLOP/s"), (999.96e9, "1000 GFLOP/s"), (3e3, "3 kFLOP/s")])
+def test_fmt_flops_keeps_three_digits(rate, text):
+    assert gemm_bench.fmt_flops(rate) == text
+
+
+@pytest.mark.parametrize("rate", [10 ** (e / 7) for e in range(0, 7 * 16)])
+def test_fmt_flops_never_prints_a_positive_rate_as_zero(rate):
+    number = gemm_bench.fmt_flops(rate).split()[0]
+    assert float(number) > 0 and "e" not in number
+
+
+def test_cpu_outliers_never_blame_sms_or_tiles():
+    ceil = roofline.Ceilings(1e10, {"bfloat16": 1e9})
+    rows = [{"dtype": "bfloat16", "AI": a, "% of roof": p, "time": t}
+            for a, p, t in [(1.0, 20.0, 5e-6), (100.0, 30.0, 1e-3), (200.0, 152.0, 1e-3), (200.0, 80.0, 1e-3)]]
+    why = [r["why"] for r in gemm_bench.outliers(rows, ceil, kind="cpu")]
+    assert len(why) == 3 and all(w.startswith("CPU:") and "SM" not in w and "tile" not in w for w in why)
+    assert "above its roof" in why[2]
+
+
+def test_search_says_how_many_shapes_it_timed_and_why():
+    s = gemm_bench.search((16, 24), "float32", device="cpu", reps=2, confirm=1, progress=False)
+    assert s.complete and s.coverage().startswith("searched all 8 shapes")
+    cut = gemm_bench.search((16, 24), "float32", device="cpu", reps=2, confirm=1, budget_s=0.0, progress=False)
+    assert len(cut.results) == 1 and "searched 1 of 8 shapes" in cut.coverage() and "budget of 0 s" in cut.coverage()
+
+
+def test_device_label_names_the_gpu_or_the_cpu():
+    gpu = hardware.DeviceInfo("cuda", "NVIDIA H200", 1, 0, 132, None, "9.0", "Intel Xeon", 16)
+    assert hardware.device_label(gpu) == "NVIDIA H200"
+    assert hardware.device_label(hardware.DeviceInfo(**{**gpu.as_dict(), "count": 4})) == "NVIDIA H200 x4"
+    cpu = hardware.DeviceInfo("cpu", "AMD EPYC", 1, 0, None, None, None, "AMD EPYC", 2)
+    assert hardware.device_label(cpu) == "CPU (2 cores, AMD EPYC)"
