@@ -37,6 +37,19 @@ def step_cost(name: str, batch: int, context: int, weight_bytes: float, kv_dtype
                          weight_bytes=weight_bytes, kv_bytes=kv)
 
 
+def rung_label(base: str, attn: str, impl: str, compiled: bool, kernels: bool, pdl: bool = True) -> str:
+    """What a lean rung ran, in words: ``base`` ("d: lean"), compiled or eager, the attention and the linear
+    kernel. A Triton kernel that cannot run here (``kernels`` False) is labelled as the plain torch that ran
+    instead; a library's kernel (``quant.LIBRARY``) by its library, and the rung is marked "(library)"."""
+    def plain(x):
+        return x if kernels or not x.startswith("triton") else f"{x} maths in plain torch (no GPU)"
+
+    parts = [plain(attn)] + ([quant.LIBRARY.get(impl) or plain(impl)] if impl else [])
+    lib = " (library)" if impl in quant.LIBRARY else ""
+    return (f"{base}{lib}, {'compiled' if compiled else 'eager'} [{', '.join(parts)}"
+            f"{', no PDL' if kernels and not pdl else ''}]")
+
+
 def mbu(bytes_per_step: float, step_s: float, read_Bps: float) -> float:
     """Model bandwidth utilisation: bytes a step must read / its time / the measured read bandwidth."""
     return bytes_per_step / step_s / read_Bps

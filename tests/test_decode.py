@@ -164,3 +164,42 @@ def test_profile_reports_busy_and_top(hf, data):
     p = decode.profile_decode(decode.HFStepper(hf, 2, 32, static=False), prompt, steps=2, top=3)
     assert 0 < p["busy_fraction"] <= 1.0 + 1e-6 and p["launches_per_token"] > 10
     assert len(p["top"]) == 3 and p["top"][0]["us/token"] >= p["top"][-1]["us/token"]
+
+
+@pytest.mark.parametrize("impl", list(quant.LIBRARY))
+def test_library_rungs_match_the_baseline(hf, data, impl):
+    # the library int8 rungs (PyTorch's int8 kernel, torchao) on the lean model, checked like every rung
+    prompt, forced = data
+    ref = decode.reference_logits(hf, prompt, forced)
+    lm = lean.LeanMistral.from_hf(hf)
+    w_before = lm.layers[0].w13.weight.clone()
+    model, ran, why = quant.library_int8(lm, impl)
+    assert (ran, why) == (impl, "")  # both run on this CPU's torch (torchao pinned in requirements)
+    chk = decode.check(decode.LeanStepper(model, 2, 32), prompt, forced, ref, decode.INT8_TOL)
+    assert 1e-4 < chk["rel_err"] < 0.05  # int8 weights: about 1 % per matrix, never bit-equal to float32
+    assert torch.equal(lm.layers[0].w13.weight, w_before)  # the original keeps its float weights
+    assert type(lm.layers[0].w13.weight) is torch.nn.Parameter
+    # int8 + one scale per row: about a quarter of the float32 bytes (the embedding is not counted)
+    assert 0.24 < quant.weight_bytes(model) / quant.weight_bytes(lm) < 0.30
+
+
+def test_torchao_missing_falls_back_to_its_maths_and_says_why(hf, monkeypatch):
+    def no_torchao(model):
+        raise ImportError("pip install torchao==X")
+
+    monkeypatch.setattr(quant, "torchao_int8", no_torchao)
+    model, ran, why = quant.library_int8(lean.LeanMistral.from_hf(hf), "torchao")
+    assert ran == "dequant" and "torchao cannot run here" in why and "pip install" in why
+    assert all(m.impl == "dequant" for m in model.modules() if isinstance(m, quant.Int8Linear))
+    with pytest.raises(ValueError, match="use one of"):
+        quant.library_int8(model, "triton")
+
+
+def test_rung_labels_name_what_ran():
+    cpu = decode.rung_label("d': hand kernels", "triton", "triton", compiled=False, kernels=False)
+    assert "eager" in cpu and "plain torch" in cpu and "compiled" not in cpu
+    gpu = decode.rung_label("d': hand kernels", "triton", "triton", compiled=True, kernels=True)
+    assert "compiled" in gpu and "plain torch" not in gpu
+    lib = decode.rung_label("e: lean int8", "reduce", "torchao", compiled=True, kernels=True)
+    assert "(library)" in lib and "torchao" in lib
+    assert "(library)" not in decode.rung_label("e: lean int8", "reduce", "dequant", True, True)
