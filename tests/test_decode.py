@@ -164,6 +164,29 @@ def test_profile_reports_busy_and_top(hf, data):
     p = decode.profile_decode(decode.HFStepper(hf, 2, 32, static=False), prompt, steps=2, top=3)
     assert 0 < p["busy_fraction"] <= 1.0 + 1e-6 and p["launches_per_token"] > 10
     assert len(p["top"]) == 3 and p["top"][0]["us/token"] >= p["top"][-1]["us/token"]
+    # busy is the union of op intervals inside the profiled wall time: never more than that wall (the old
+    # sum of op totals against the unprofiled wall printed "wall 102 ms, inside kernels 129 ms (92 % busy)")
+    assert p["busy_s_per_token"] <= p["wall_profiled_s_per_token"] * (1 + 1e-6)
+    assert abs(p["busy_fraction"] - p["busy_s_per_token"] / p["wall_profiled_s_per_token"]) < 1e-9
+
+
+def test_union_counts_overlapping_kernels_once():
+    from labutils import profiling
+
+    assert profiling.union_s([(0, 10), (5, 12), (20, 25), (21, 22)]) == 17  # sum would be 23
+    assert profiling.union_s([]) == 0
+
+
+def test_quiet_fds_drops_profiler_lines_and_keeps_the_rest(capfd):
+    import os
+
+    from labutils import profiling
+
+    with profiling.quiet_fds():
+        os.write(1, b"STAGE:2026 ActivityProfilerController.cpp USDT profiler_start\n")
+        os.write(2, b"a real warning\n")
+    out, err = capfd.readouterr()
+    assert "USDT" not in out + err and "a real warning" in err
 
 
 @pytest.mark.parametrize("impl", list(quant.LIBRARY))

@@ -147,8 +147,9 @@ def main(argv=None) -> int:
     rows = [{k2: v2 for k2, v2 in v.items() if k2 != "detail"} for v in rec["runs"].values() if "tok/s" in v]
     for r, pr in shared.get("profiles", []):
         for how, p in pr.items():
-            print(f"\nprofile {r} ({how}): wall {1e3 * p['wall_s_per_token']:.3f} ms/token, kernels busy "
-                  f"{1e3 * p['busy_s_per_token']:.3f} ms, {p['launches_per_token']:.0f} kernels/token")
+            print(f"\nprofile {r} ({how}): wall {1e3 * p['wall_s_per_token']:.3f} ms/token, kernels busy (union) "
+                  f"{1e3 * p['busy_s_per_token']:.3f} ms = {100 * p['busy_fraction']:.0f}% of the profiled wall, "
+                  f"{p['launches_per_token']:.0f} kernels/token")
             print(plots.table(p["top"][:28], floatfmt=".4g"))
     print(plots.table(rows, floatfmt=".4g"))
     log(f"done in {time.perf_counter() - t_start:.0f} s")
