@@ -53,7 +53,8 @@ from .kernels import gemv, gemv_tune
 IMPLS = ("triton", "triton_plain", "dequant", "dequant_fp32", "dequant_bits", "int8pack")
 #: the int8 paths that are a library's, not this repo's: what each rung label says ran
 LIBRARY = {"int8pack": "PyTorch torch._weight_int8pack_mm", "torchao": "torchao Int8WeightOnlyConfig"}
-TORCHAO_TESTED = "0.18.0"  # built for torch >= 2.11; runs on the CPU's torch 2.13 and the GPU's 2.11
+TORCHAO_TESTED = "0.18.0"  # built for torch >= 2.11; runs on the CPU's torch 2.13 and the GPU's 2.11 (optional:
+# not in requirements.txt, which says why)
 
 
 class Int8Linear(nn.Module):
@@ -136,8 +137,8 @@ def torchao_int8(model: nn.Module) -> nn.Module:
     try:
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
     except ImportError as e:
-        raise ImportError(f"torchao is not installed ({e}): pip install torchao=={TORCHAO_TESTED} "
-                          "(needs torch >= 2.11)") from e
+        raise ImportError(f"torchao is not installed ({e}); it is optional (requirements.txt says why): "
+                          f"pip install torchao=={TORCHAO_TESTED} (needs torch >= 2.11)") from e
     new = copy_structure(model)
     quantize_(new, Int8WeightOnlyConfig(set_inductor_config=False))
     return new
