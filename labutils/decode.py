@@ -37,16 +37,21 @@ def step_cost(name: str, batch: int, context: int, weight_bytes: float, kv_dtype
                          weight_bytes=weight_bytes, kv_bytes=kv)
 
 
-def rung_label(base: str, attn: str, impl: str, compiled: bool, kernels: bool, pdl: bool = True) -> str:
-    """What a lean rung ran, in words: ``base`` ("d: lean"), compiled or eager, the attention and the linear
-    kernel. A Triton kernel that cannot run here (``kernels`` False) is labelled as the plain torch that ran
-    instead; a library's kernel (``quant.LIBRARY``) by its library, and the rung is marked "(library)"."""
-    def plain(x):
-        return x if kernels or not x.startswith("triton") else f"{x} maths in plain torch (no GPU)"
-
-    parts = [plain(attn)] + ([quant.LIBRARY.get(impl) or plain(impl)] if impl else [])
-    lib = " (library)" if impl in quant.LIBRARY else ""
-    return (f"{base}{lib}, {'compiled' if compiled else 'eager'} [{', '.join(parts)}"
+def rung_label(base: str, attn: str, impl: str, compiled: bool, kernels: bool, pdl: bool = True,
+               instead_of: str = "") -> str:
+    """What a lean rung ran, in words: ``base`` ("d: lean"), a library kernel by its library (``quant.LIBRARY``,
+    "via ... (library)"), compiled or eager, then [attention, linear kernel]. A Triton kernel that cannot run here
+    (``kernels`` False) is labelled as the plain torch that ran instead; ``instead_of``: the library that was asked
+    for and could not run (its maths ran in plain torch)."""
+    head = base
+    if impl in quant.LIBRARY:
+        head = f"{base} via {quant.LIBRARY[impl]} (library)"
+    elif instead_of:
+        head = f"{base}: {quant.LIBRARY[instead_of].split()[0]}'s maths in plain torch (it cannot run here)"
+    if not kernels and (attn.startswith("triton") or impl.startswith("triton")):
+        head += ": Triton kernels' maths in plain torch (no GPU)"
+    parts = [attn] + ([impl] if impl and impl not in quant.LIBRARY else [])
+    return (f"{head}, {'compiled' if compiled else 'eager'} [{', '.join(parts)}"
             f"{', no PDL' if kernels and not pdl else ''}]")
 
 

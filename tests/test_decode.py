@@ -229,5 +229,8 @@ def test_rung_labels_name_what_ran():
     gpu = decode.rung_label("d': hand kernels", "triton", "triton", compiled=True, kernels=True)
     assert "compiled" in gpu and "plain torch" not in gpu
     lib = decode.rung_label("e: lean int8", "reduce", "torchao", compiled=True, kernels=True)
-    assert "(library)" in lib and "torchao" in lib
+    assert "(library)" in lib.split(" [")[0] and "torchao" in lib.split(" [")[0]  # the tick (no brackets) says it
     assert "(library)" not in decode.rung_label("e: lean int8", "reduce", "dequant", True, True)
+    stand_in = decode.rung_label("e: lean int8", "reduce", "dequant", False, False, instead_of="torchao")
+    assert "torchao's maths in plain torch" in stand_in.split(" [")[0] and "(library)" not in stand_in
+    assert "plain torch" in cpu.split(" [")[0]  # on a CPU the tick itself says the kernels did not run

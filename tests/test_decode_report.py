@@ -58,6 +58,7 @@ def test_serving_text_follows_the_numbers(on64, expect):
     text = " ".join(report.serving_text(rows, 264.0, "d'"))
     assert f"{expect} the batch-1 loop d'" in text
     assert "rises 2.9×" in text  # ITL 46 -> 134 ms, not "a little"
+    assert "CB off still grew" not in text  # off stayed flat (25 tok/s) here
     assert "continuous batching is slower alone" in text  # 20 < 25 tok/s at one user, and why
 
 
@@ -66,3 +67,6 @@ def test_serving_text_says_when_cb_costs_nothing_at_one_user():
             False: _rows([25.0, 25.0], [50.0, 200.0], [40.0, 40.0], (1, 4))}
     text = " ".join(report.serving_text(rows, 20.0, "d"))
     assert "costs nothing measurable" in text and "stays about flat" in text
+    falling = {False: _rows([16.0, 33.0], [117.0, 305.0], [54.6, 24.6], (1, 2))}  # a CPU run: ITL fell, rate grew
+    text = " ".join(report.serving_text(falling, 40.0, "c"))
+    assert "falls 2.2×" in text and "CB off still grew 2.1×" in text

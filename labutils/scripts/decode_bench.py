@@ -202,12 +202,12 @@ def run_lean(r, kind, var, rec, hf, prompt, forced, ref, max_len, N, args, comp,
     attn, impl = (var + [""])[0] or "reduce", (var + ["", ""])[1] or (args.int8 if kind == "e" else "")
     model = quant.copy_structure(shared["lean"])
     model.attn = attn
+    asked = impl
     if kind == "e" and impl in quant.LIBRARY:
-        model, ran, why = quant.library_int8(model, impl)
+        model, impl, why = quant.library_int8(model, impl)
         if why:
             rec["runs"][r] = {"note": why}
             log(f"rung {r}: {why}")
-        impl = ran
     elif kind == "e":
         model = quant.quantize_int8(model, impl)
     elif impl in ("triton", "triton_plain"):
@@ -226,7 +226,8 @@ def run_lean(r, kind, var, rec, hf, prompt, forced, ref, max_len, N, args, comp,
     chk = decode.check(st, prompt, forced, ref, tol16 if kind in ("d", "d0") else tol8)
     cost = decode.step_cost(args.model, 1, max_len, quant.weight_bytes(model))
     gen = functools.partial(decode.loop_generate, st)
-    name = decode.rung_label(NAMES[kind], attn, impl, comp, _triton.triton is not None and prompt.is_cuda, _triton.PDL)
+    name = decode.rung_label(NAMES[kind], attn, impl, comp, _triton.triton is not None and prompt.is_cuda, _triton.PDL,
+                             instead_of=asked if asked != impl else "")
     run = decode.measure(name, gen, prompt, N, cost, bw, peak, reps=args.reps, warmup=1)
     note = rec["runs"].get(r, {}).get("note")
     record(r, rec, run, chk, cost)
