@@ -199,7 +199,7 @@ class DecodeRun:
 
     def row(self) -> dict:
         return {"rung": self.rung, "tok/s": self.tok_s, "MBU %": 100 * self.mbu, "TTFT ms": 1e3 * self.ttft_s,
-                "TPOT ms": 1e3 * self.tpot_s, "p50 ms": 1e3 * self.itl_p50_s, "p99 ms": 1e3 * self.itl_p99_s,
+                "TPOT ms": 1e3 * self.tpot_s, "ITL p50 ms": 1e3 * self.itl_p50_s, "ITL p99 ms": 1e3 * self.itl_p99_s,
                 "warm-up s": self.warmup_s}
 
 

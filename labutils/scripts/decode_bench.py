@@ -187,7 +187,7 @@ def record(r, rec, run, chk, cost):
     rec["checks"][r] = chk
     rec["runs"][r] = run.row() | {"first_use_s": chk["first_use_s"], "rel_err": chk["rel_err"],
                                   "GB/step": cost.bytes / 1e9, "detail": run.as_dict()}
-    log(f"{run.rung}: {run.tok_s:.1f} tok/s, MBU {100 * run.mbu:.1f}%, p99 {1e3 * run.itl_p99_s:.2f} ms, "
+    log(f"{run.rung}: {run.tok_s:.1f} tok/s, MBU {100 * run.mbu:.1f}%, ITL p99 {1e3 * run.itl_p99_s:.2f} ms, "
         f"first use {chk['first_use_s']:.1f} s, rel err {chk['rel_err']:.2e}")
 
 
