@@ -89,11 +89,11 @@ def serving_figure(rows: dict[str, list[dict]], note: str = ""):
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
     plt.close(fig)
-    for name, rs in rows.items():
+    for (name, rs), color in zip(rows.items(), ("tab:blue", "tab:orange", "tab:green")):  # one color per setting
         c = [r["concurrency"] for r in rs]
-        a1.plot(c, [r["out tok/s"] for r in rs], marker="o", label=name)
-        a2.plot(c, [r["ttft p50"] for r in rs], marker="o", label=f"{name}: TTFT p50")
-        a2.plot(c, [r["itl p50"] for r in rs], marker="s", ls="--", label=f"{name}: ITL p50")
+        a1.plot(c, [r["out tok/s"] for r in rs], marker="o", color=color, label=name)
+        a2.plot(c, [r["ttft p50"] for r in rs], marker="o", color=color, label=f"{name}: TTFT p50")
+        a2.plot(c, [r["itl p50"] for r in rs], marker="s", ls="--", color=color, label=f"{name}: ITL p50")
     for ax, yl in ((a1, "output tokens/s (all requests)"), (a2, "latency (ms)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent requests")
@@ -143,3 +143,16 @@ def serving_text(rows: dict[bool, list[dict]], batch1_tok_s: float, batch1_name:
                           "paged KV cache, a batch rebuilt each step) is work with no other request to share it."
                           if slower else "continuous batching costs nothing measurable with one request."))
     return out
+
+
+def ladder_rows(runs: dict, checks: dict, library: set, read_Bps: float, sheet_Bps: float | None) -> list[dict]:
+    """One table row per rung (``decode.DecodeRun.row()`` + bytes per token, logit error, first use, whether it is
+    a library rung, and — where a datasheet figure exists — the MBU against it as well as the measured one)."""
+    rows = []
+    for k, r in runs.items():
+        row = r.row() | {"GB/token": r.cost.bytes / 1e9, "rel err": checks[k]["rel_err"],
+                         "first use s": checks[k]["first_use_s"], "library": k in library}
+        if sheet_Bps:
+            row["MBU sheet %"] = 100 * r.mbu * read_Bps / sheet_Bps  # the same bytes / time, datasheet bandwidth
+        rows.append(row)
+    return rows

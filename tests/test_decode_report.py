@@ -70,3 +70,16 @@ def test_serving_text_says_when_cb_costs_nothing_at_one_user():
     falling = {False: _rows([16.0, 33.0], [117.0, 305.0], [54.6, 24.6], (1, 2))}  # a CPU run: ITL fell, rate grew
     text = " ".join(report.serving_text(falling, 40.0, "c"))
     assert "falls 2.2×" in text and "CB off still grew 2.1×" in text
+
+
+def test_ladder_rows_show_mbu_against_the_datasheet_too():
+    from labutils import decode, roofline
+
+    cost = roofline.Cost("step", 1e9, 1e9)
+    run = decode.DecodeRun("d", 1, 8, 4, 4, 0.01, 0.004, 0.004, 0.005, 0.03, 0.1, cost, 4.4e11, 1e14)
+    chk = {"d": {"rel_err": 0.01, "first_use_s": 1.0}}
+    row = report.ladder_rows({"d": run}, chk, set(), 4.4e11, 4.8e11)[0]
+    assert abs(row["MBU %"] - 1e9 / 0.004 / 4.4e11 * 100) < 1e-9
+    assert abs(row["MBU sheet %"] - row["MBU %"] * 4.4 / 4.8) < 1e-9 and row["library"] is False
+    assert "ITL p50 ms" in row and "p50 ms" not in row  # the percentiles are inter-token latencies, said so
+    assert "MBU sheet %" not in report.ladder_rows({"d": run}, chk, {"d"}, 4.4e11, None)[0]  # a CPU: no datasheet
