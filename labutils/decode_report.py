@@ -129,7 +129,8 @@ def serving_text(rows: dict[bool, list[dict]], batch1_tok_s: float, batch1_name:
                        "predicted — requests that are in flight together were served side by side here.")
         top = max(rs, key=lambda r: r["out tok/s"])
         verb = "exceeds" if top["out tok/s"] > batch1_tok_s else "stays below"
-        out.append(f"CB {tag} at best ({top['concurrency']} users, {top['out tok/s']:,.1f} tok/s in all) {verb} the "
+        users = f"{top['concurrency']} user{'s' if top['concurrency'] != 1 else ''}"
+        out.append(f"CB {tag} at best ({users}, {top['out tok/s']:,.1f} tok/s in all) {verb} the "
                    f"batch-1 loop {batch1_name} ({batch1_tok_s:,.1f} tok/s)"
                    + (": many users share each weight read." if verb == "exceeds" else
                       ": the server runs the HF model uncompiled, with its own scheduler and HTTP streaming per "

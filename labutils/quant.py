@@ -26,7 +26,9 @@ output channel: ``w ~= q * scale``, ``q`` in [-127, 127], every weight off by at
   ``(x (M, K), q (N, K) int8, scales (N,)) -> (M, N)`` in x's dtype. On a CPU (torch 2.13) the scales must have
   x's dtype; on CUDA (torch 2.11, ``aten/src/ATen/native/cuda/int8mm.cu``) x and the scales are first copied
   to float32 and a plain CUDA kernel does float32 sums (one thread -- in later revisions one warp -- per
-  output), then the result is cast back: no tensor cores, two extra conversion kernels per call.
+  output), then the result is cast back: no tensor cores, two extra conversion kernels per call. Used for
+  decode steps (one token per sequence) only: a prefill's rows take the ``"dequant"`` maths (on this CPU, 32
+  rows through ``_weight_int8pack_mm`` took ~10x as long), like the Triton impls, so TTFT is not the library's.
 
 ``torchao_int8`` is the other library rung: torchao's ``quantize_`` with ``Int8WeightOnlyConfig`` (the same
 per-row symmetric scheme, weights held as a tensor subclass; its linear is ``mm(x, q.T.to(x.dtype)) * scale``,
@@ -82,7 +84,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor, norm=None, eps: float = 0.0, residual=None, glu: bool = False):
         if self.impl.startswith("triton"):
             return gemv.linear(x, self.weight, self.scales, self.cfg, norm, eps, residual, glu)
-        if self.impl == "int8pack":
+        if self.impl == "int8pack" and not (x.dim() == 3 and x.shape[1] > 1):  # decode; a prefill: dequant below
             y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).contiguous(), self.weight, self.scales)
             return y.view(*x.shape[:-1], self.out_features)
         if self.impl == "dequant_fp32":  # int8 -> fp32 in one conversion (not int8 -> bf16 -> fp32)

@@ -234,3 +234,17 @@ def test_rung_labels_name_what_ran():
     stand_in = decode.rung_label("e: lean int8", "reduce", "dequant", False, False, instead_of="torchao")
     assert "torchao's maths in plain torch" in stand_in.split(" [")[0] and "(library)" not in stand_in
     assert "plain torch" in cpu.split(" [")[0]  # on a CPU the tick itself says the kernels did not run
+
+
+def test_int8pack_decode_steps_run_the_library_kernel(monkeypatch):
+    # the library rung must really call torch._weight_int8pack_mm at a decode step (B sequences x 1 token), and a
+    # prefill (many tokens) takes the dequant maths
+    calls = []
+    real = torch._weight_int8pack_mm
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(a[0].shape) or real(*a))
+    lin = quant.Int8Linear.from_linear(torch.nn.Linear(64, 32, bias=False), "int8pack")
+    ref = ops.dequantize(lin.weight, lin.scales)
+    for shape in ((2, 1, 64), (1, 64), (2, 5, 64)):
+        x = torch.randn(*shape)
+        assert timing.rel_err(lin(x), x @ ref.T) < 1e-5
+    assert calls == [(2, 64), (1, 64)]
