@@ -127,15 +127,22 @@ def use_gemv(model: nn.Module, fuse: bool = True) -> nn.Module:
     return copy_structure(model, lambda m: gemv.Linear.from_linear(m, fuse) if isinstance(m, nn.Linear) else None)
 
 
+def quiet_torchao() -> None:
+    """Keep torchao's import-time log lines out of the output: that it cannot load its CUDA extensions on a CPU
+    build (or one built for another CUDA), and a pytree deprecation note. Call it before anything imports torchao
+    (transformers does at every model load when torchao is installed)."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def torchao_int8(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose ``nn.Linear`` weights are torchao int8 weight-only tensors (``quantize_`` with
     ``Int8WeightOnlyConfig``, per output row); the original keeps its weights. Raises ImportError with the fix if
     torchao cannot be imported. ``set_inductor_config=False``: the rung's own compile options apply, no global
     setting changes."""
-    import logging
-
-    for name in ("torchao", "torch.utils._pytree"):  # a CPU build cannot load torchao's CUDA .so files: not news
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_torchao()
     try:
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
     except ImportError as e:
