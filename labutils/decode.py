@@ -6,19 +6,19 @@
   lean model, ``lean.LeanMistral``, compiled with CUDA graphs on a GPU, gpt-fast's recipe).
 - ``loop_generate`` / ``hf_generate`` with a ``TokenClock``; ``measure`` -> ``DecodeRun``; ``check``:
   teacher-forced logits vs the HF model's (random weights make greedy tokens flip on near-ties).
-- ``profile_decode`` (device-busy vs wall time) and ``batch_sweep`` (memory -> compute bound).
+- ``profile_decode`` (from ``profiling``: busy vs wall time) and ``batch_sweep`` (memory -> compute bound).
 
 Used in lab4 §Roofline, §Profile, §Ladder, §Batch sweep, §Cost.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import asdict, dataclass
 
 import torch
 
 from . import lean, models, quant, roofline, timing
+from .profiling import profile_decode  # noqa: F401 - lab4 and decode_bench call it as decode.profile_decode
 
 # Logit tolerances (relative error) of a decode path against the HF reference: bf16 paths that fuse or reorder
 # sums differ by ~5e-2 on random weights (near-uniform logits), int8 weights by ~0.2; float32 paths by ~1e-6.
@@ -35,6 +35,24 @@ def step_cost(name: str, batch: int, context: int, weight_bytes: float, kv_dtype
     kv = batch * context * e.kv_bytes_per_token(kv_dtype_bytes)
     return roofline.Cost(f"decode step, batch {batch}", batch * e.flops_per_token(context), weight_bytes + kv,
                          weight_bytes=weight_bytes, kv_bytes=kv)
+
+
+def rung_label(base: str, attn: str, impl: str, compiled: bool, kernels: bool, pdl: bool = True,
+               instead_of: str = "") -> str:
+    """What a lean rung ran, in words: ``base`` ("d: lean"), a library kernel by its library (``quant.LIBRARY``,
+    "via ... (library)"), compiled or eager, then [attention, linear kernel]. A Triton kernel that cannot run here
+    (``kernels`` False) is labelled as the plain torch that ran instead; ``instead_of``: the library that was asked
+    for and could not run (its maths ran in plain torch)."""
+    head = base
+    if impl in quant.LIBRARY:
+        head = f"{base} via {quant.LIBRARY[impl]} (library)"
+    elif instead_of:
+        head = f"{base}: {quant.LIBRARY[instead_of].split()[0]}'s maths in plain torch (it cannot run here)"
+    if not kernels and (attn.startswith("triton") or impl.startswith("triton")):
+        head += ": Triton kernels' maths in plain torch (no GPU)"
+    parts = [attn] + ([impl] if impl and impl not in quant.LIBRARY else [])
+    return (f"{head}, {'compiled' if compiled else 'eager'} [{', '.join(parts)}"
+            f"{', no PDL' if kernels and not pdl else ''}]")
 
 
 def mbu(bytes_per_step: float, step_s: float, read_Bps: float) -> float:
@@ -181,7 +199,7 @@ class DecodeRun:
 
     def row(self) -> dict:
         return {"rung": self.rung, "tok/s": self.tok_s, "MBU %": 100 * self.mbu, "TTFT ms": 1e3 * self.ttft_s,
-                "TPOT ms": 1e3 * self.tpot_s, "p50 ms": 1e3 * self.itl_p50_s, "p99 ms": 1e3 * self.itl_p99_s,
+                "TPOT ms": 1e3 * self.tpot_s, "ITL p50 ms": 1e3 * self.itl_p50_s, "ITL p99 ms": 1e3 * self.itl_p99_s,
                 "warm-up s": self.warmup_s}
 
 
@@ -235,45 +253,6 @@ def check(stepper, prompt, forced, ref, tol: float) -> dict:
     if not err <= tol:  # also catches NaN
         raise RuntimeError(f"logits differ from the reference by {err:.2e} (relative) > tolerance {tol:.0e}")
     return {"rel_err": err, "tol": tol, "steps": forced.shape[1], "first_use_s": t.seconds}
-
-
-# ---------------------------------------------------------------- where the time goes
-def profile_decode(stepper, prompt, steps: int = 5, top: int = 8) -> dict:
-    """torch.profiler over ``steps`` decode steps: wall vs busy time per token, launches per token, top kernels.
-    ``wall_s_per_token`` is timed without the profiler (which slows every launch); busy is from the profile.
-
-    GPU: busy = the summed durations of device kernels (and copies); for the rest of the wall time the
-    GPU idles, waiting for Python to launch the next kernel. CPU: busy = the time inside the ATen ops
-    that Python called; the rest is Python between them, which on a GPU shows as idle gaps.
-    """
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    dev, P = prompt.device, prompt.shape[1]
-    cuda = dev.type == "cuda"
-    walls, acts = [], [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    for profiled in (False, False, True):  # warm-up, plain (the profiler slows every launch), profiled
-        tok = stepper.prefill(prompt).argmax(-1, keepdim=True)
-        with profile(activities=acts) if profiled else contextlib.nullcontext() as prof, \
-                timing.stopwatch(dev) as wall:
-            for i in range(steps):
-                tok = stepper.step(tok, torch.arange(P + i, P + i + 1, device=dev)).argmax(-1, keepdim=True)
-        walls.append(wall.seconds)
-    if cuda:  # kernels and copies on the device
-        evs = [(e.name, e.time_range.elapsed_us()) for e in prof.events() if e.device_type == DeviceType.CUDA]
-    else:  # ops called from Python (each would launch >= 1 kernel on a GPU), timed with their children
-        evs = [(e.name, e.cpu_time_total) for e in prof.events() if e.cpu_parent is None]
-    agg: dict[str, list[float]] = {}
-    for name, us in evs:
-        a = agg.setdefault(name, [0, 0.0])
-        a[0], a[1] = a[0] + 1, a[1] + us
-    busy = sum(us for _, us in evs) / 1e6
-    rows = [{"kernel" if cuda else "op": n[:70], "calls/token": c / steps, "us/token": us / steps,
-             "% of busy": 100 * us / 1e6 / busy} for n, (c, us) in sorted(agg.items(), key=lambda kv: -kv[1][1])]
-    return {"device": dev.type, "steps": steps, "wall_s_per_token": walls[1] / steps,
-            "wall_profiled_s_per_token": walls[2] / steps, "busy_s_per_token": busy / steps,
-            "busy_fraction": min(1.0, busy / walls[1 if cuda else 2]),  # CPU ops are slowed by the profiler too
-            "launches_per_token": len(evs) / steps, "top": rows[:top]}
 
 
 # ---------------------------------------------------------------- batch sweep

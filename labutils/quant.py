@@ -22,7 +22,17 @@ output channel: ``w ~= q * scale``, ``q`` in [-127, 127], every weight off by at
   -> fp32 in the fused kernel; eager it is even worse: a 4-byte copy of the weight).
 - ``"dequant_bits"``: int8 -> fp32 without a conversion instruction: ``q + 128`` placed in the
   mantissa of the float 2**23 (integer add and or), then 2**23 + 128 subtracted -- exact.
-- ``"int8pack"``: ``torch._weight_int8pack_mm``, an ATen kernel that takes the int8 weight.
+- ``"int8pack"``: ``torch._weight_int8pack_mm``, PyTorch's own int8 weight-only kernel (a library rung):
+  ``(x (M, K), q (N, K) int8, scales (N,)) -> (M, N)`` in x's dtype. On a CPU (torch 2.13) the scales must have
+  x's dtype; on CUDA (torch 2.11, ``aten/src/ATen/native/cuda/int8mm.cu``) x and the scales are first copied
+  to float32 and a plain CUDA kernel does float32 sums (one thread -- in later revisions one warp -- per
+  output), then the result is cast back: no tensor cores, two extra conversion kernels per call. Used for
+  decode steps (one token per sequence) only: a prefill's rows take the ``"dequant"`` maths (on this CPU, 32
+  rows through ``_weight_int8pack_mm`` took ~10x as long), like the Triton impls, so TTFT is not the library's.
+
+``torchao_int8`` is the other library rung: torchao's ``quantize_`` with ``Int8WeightOnlyConfig`` (the same
+per-row symmetric scheme, weights held as a tensor subclass; its linear is ``mm(x, q.T.to(x.dtype)) * scale``,
+gpt-fast's formulation, which Inductor fuses under torch.compile). ``LIBRARY`` names both.
 
 ``kernel_bench`` times one matrix-vector product per variant, so the fastest is picked on facts.
 
@@ -43,6 +53,10 @@ from .kernels import gemv, gemv_tune
 
 # ---------------------------------------------------------------- int8 weight-only
 IMPLS = ("triton", "triton_plain", "dequant", "dequant_fp32", "dequant_bits", "int8pack")
+#: the int8 paths that are a library's, not this repo's: what each rung label says ran
+LIBRARY = {"int8pack": "PyTorch torch._weight_int8pack_mm", "torchao": "torchao Int8WeightOnlyConfig"}
+TORCHAO_TESTED = "0.18.0"  # built for torch >= 2.11; runs on the CPU's torch 2.13 and the GPU's 2.11 (optional:
+# not in requirements.txt, which says why)
 
 
 class Int8Linear(nn.Module):
@@ -70,7 +84,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor, norm=None, eps: float = 0.0, residual=None, glu: bool = False):
         if self.impl.startswith("triton"):
             return gemv.linear(x, self.weight, self.scales, self.cfg, norm, eps, residual, glu)
-        if self.impl == "int8pack":
+        if self.impl == "int8pack" and not (x.dim() == 3 and x.shape[1] > 1):  # decode; a prefill: dequant below
             y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).contiguous(), self.weight, self.scales)
             return y.view(*x.shape[:-1], self.out_features)
         if self.impl == "dequant_fp32":  # int8 -> fp32 in one conversion (not int8 -> bf16 -> fp32)
@@ -113,13 +127,61 @@ def use_gemv(model: nn.Module, fuse: bool = True) -> nn.Module:
     return copy_structure(model, lambda m: gemv.Linear.from_linear(m, fuse) if isinstance(m, nn.Linear) else None)
 
 
+def quiet_torchao() -> None:
+    """Keep torchao's import-time log lines out of the output: that it cannot load its CUDA extensions on a CPU
+    build (or one built for another CUDA), and a pytree deprecation note. Call it before anything imports torchao
+    (transformers does at every model load when torchao is installed)."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def torchao_int8(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose ``nn.Linear`` weights are torchao int8 weight-only tensors (``quantize_`` with
+    ``Int8WeightOnlyConfig``, per output row); the original keeps its weights. Raises ImportError with the fix if
+    torchao cannot be imported. ``set_inductor_config=False``: the rung's own compile options apply, no global
+    setting changes."""
+    quiet_torchao()
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError as e:
+        raise ImportError(f"torchao is not installed ({e}); it is optional (requirements.txt says why): "
+                          f"pip install torchao=={TORCHAO_TESTED} (needs torch >= 2.11)") from e
+    new = copy_structure(model)
+    quantize_(new, Int8WeightOnlyConfig(set_inductor_config=False))
+    return new
+
+
+def library_int8(model: nn.Module, impl: str) -> tuple[nn.Module, str, str]:
+    """A library rung's int8 copy of ``model``: ``impl`` one of ``LIBRARY``. -> (model, what ran, why not what was
+    asked: "" when it ran). torchao that cannot be imported falls back to its own maths in plain torch
+    (``"dequant"``: ``mm(x, q.T.to(x.dtype)) * scale``), and the reason says how to install it."""
+    if impl not in LIBRARY:
+        raise ValueError(f"unknown library int8 path {impl!r}: use one of {tuple(LIBRARY)}")
+    if impl == "int8pack":
+        return quantize_int8(model, "int8pack"), impl, ""
+    try:
+        return torchao_int8(model), impl, ""
+    except ImportError as e:
+        return quantize_int8(model, "dequant"), "dequant", f"torchao cannot run here: {e}; ran its maths in plain torch"
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    """Bytes of a tensor; a tensor subclass (torchao's int8 weights) counts the tensors it holds."""
+    if type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+        held = [a for a in t.__tensor_flatten__()[0] if a in ("qdata", "scale")] or t.__tensor_flatten__()[0]
+        return sum(_nbytes(getattr(t, a)) for a in held if getattr(t, a) is not None)  # (no zero point: unread)
+    return t.numel() * t.element_size()
+
+
 def weight_bytes(model: nn.Module, skip: tuple[str, ...] = ("tok_emb", "embed_tokens")) -> int:
     """Bytes of the parameters and int8 weight buffers a decode step reads (embeddings are looked up, not read)."""
     total = 0
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if any(s in name for s in skip) or not (isinstance(t, nn.Parameter) or name.endswith(("weight", "scales"))):
             continue
-        total += t.numel() * t.element_size()
+        total += _nbytes(t)
     return total
 
 

@@ -164,3 +164,87 @@ def test_profile_reports_busy_and_top(hf, data):
     p = decode.profile_decode(decode.HFStepper(hf, 2, 32, static=False), prompt, steps=2, top=3)
     assert 0 < p["busy_fraction"] <= 1.0 + 1e-6 and p["launches_per_token"] > 10
     assert len(p["top"]) == 3 and p["top"][0]["us/token"] >= p["top"][-1]["us/token"]
+    # busy is the union of op intervals inside the profiled wall time: never more than that wall (the old
+    # sum of op totals against the unprofiled wall printed "wall 102 ms, inside kernels 129 ms (92 % busy)")
+    assert p["busy_s_per_token"] <= p["wall_profiled_s_per_token"] * (1 + 1e-6)
+    assert abs(p["busy_fraction"] - p["busy_s_per_token"] / p["wall_profiled_s_per_token"]) < 1e-9
+
+
+def test_union_counts_overlapping_kernels_once():
+    from labutils import profiling
+
+    assert profiling.union_s([(0, 10), (5, 12), (20, 25), (21, 22)]) == 17  # sum would be 23
+    assert profiling.union_s([]) == 0
+
+
+def test_quiet_fds_drops_profiler_lines_and_keeps_the_rest(capfd):
+    import os
+
+    from labutils import profiling
+
+    with profiling.quiet_fds():
+        os.write(1, b"STAGE:2026 ActivityProfilerController.cpp USDT profiler_start\n")
+        os.write(2, b"a real warning\n")
+    out, err = capfd.readouterr()
+    assert "USDT" not in out + err and "a real warning" in err
+
+
+@pytest.mark.parametrize("impl", list(quant.LIBRARY))
+def test_library_rungs_match_the_baseline(hf, data, impl):
+    # the library int8 rungs (PyTorch's int8 kernel, torchao) on the lean model, checked like every rung
+    prompt, forced = data
+    ref = decode.reference_logits(hf, prompt, forced)
+    lm = lean.LeanMistral.from_hf(hf)
+    w_before = lm.layers[0].w13.weight.clone()
+    if impl == "torchao":
+        pytest.importorskip("torchao", reason="torchao is optional (requirements.txt); its fallback is tested below")
+    model, ran, why = quant.library_int8(lm, impl)
+    assert (ran, why) == (impl, "")  # both run on this CPU's torch (torchao 0.18.0 when installed)
+    chk = decode.check(decode.LeanStepper(model, 2, 32), prompt, forced, ref, decode.INT8_TOL)
+    assert 1e-4 < chk["rel_err"] < 0.05  # int8 weights: about 1 % per matrix, never bit-equal to float32
+    assert torch.equal(lm.layers[0].w13.weight, w_before)  # the original keeps its float weights
+    assert type(lm.layers[0].w13.weight) is torch.nn.Parameter
+    # int8 + one scale per row: about a quarter of the float32 bytes (the embedding is not counted)
+    assert 0.24 < quant.weight_bytes(model) / quant.weight_bytes(lm) < 0.30
+
+
+def test_torchao_missing_falls_back_to_its_maths_and_says_why(hf, data, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchao", None)  # import torchao -> ImportError, installed or not
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)
+    prompt, forced = data
+    model, ran, why = quant.library_int8(lean.LeanMistral.from_hf(hf), "torchao")
+    assert ran == "dequant" and "torchao cannot run here" in why and "pip install torchao==0.18.0" in why
+    ref = decode.reference_logits(hf, prompt, forced)  # the fallback is checked like every rung
+    assert decode.check(decode.LeanStepper(model, 2, 32), prompt, forced, ref, 0.05)["rel_err"] > 1e-4
+    assert all(m.impl == "dequant" for m in model.modules() if isinstance(m, quant.Int8Linear))
+    with pytest.raises(ValueError, match="use one of"):
+        quant.library_int8(model, "triton")
+
+
+def test_rung_labels_name_what_ran():
+    cpu = decode.rung_label("d': hand kernels", "triton", "triton", compiled=False, kernels=False)
+    assert "eager" in cpu and "plain torch" in cpu and "compiled" not in cpu
+    gpu = decode.rung_label("d': hand kernels", "triton", "triton", compiled=True, kernels=True)
+    assert "compiled" in gpu and "plain torch" not in gpu
+    lib = decode.rung_label("e: lean int8", "reduce", "torchao", compiled=True, kernels=True)
+    assert "(library)" in lib.split(" [")[0] and "torchao" in lib.split(" [")[0]  # the tick (no brackets) says it
+    assert "(library)" not in decode.rung_label("e: lean int8", "reduce", "dequant", True, True)
+    stand_in = decode.rung_label("e: lean int8", "reduce", "dequant", False, False, instead_of="torchao")
+    assert "torchao's maths in plain torch" in stand_in.split(" [")[0] and "(library)" not in stand_in
+    assert "plain torch" in cpu.split(" [")[0]  # on a CPU the tick itself says the kernels did not run
+
+
+def test_int8pack_decode_steps_run_the_library_kernel(monkeypatch):
+    # the library rung must really call torch._weight_int8pack_mm at a decode step (B sequences x 1 token), and a
+    # prefill (many tokens) takes the dequant maths
+    calls = []
+    real = torch._weight_int8pack_mm
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(a[0].shape) or real(*a))
+    lin = quant.Int8Linear.from_linear(torch.nn.Linear(64, 32, bias=False), "int8pack")
+    ref = ops.dequantize(lin.weight, lin.scales)
+    for shape in ((2, 1, 64), (1, 64), (2, 5, 64)):
+        x = torch.randn(*shape)
+        assert timing.rel_err(lin(x), x @ ref.T) < 1e-5
+    assert calls == [(2, 64), (1, 64)]

@@ -88,3 +88,10 @@ def test_gemv_kernel_compiles_for_hopper(prmt, acc2d, glu, pdl):
         assert ptx.index("griddepcontrol.wait") < ptx.index("ld.global")
         assert ptx.index("griddepcontrol.wait") < ptx.index("griddepcontrol.launch_dependents")
     assert len(k.asm["cubin"]) > 1000
+
+
+def test_core_loop_is_the_kernels_own_source():
+    # lab4 prints this: it must be the loop that runs (read from the file), whole, from its `for` to its pointer step
+    src = gemv.core_loop()
+    assert src.startswith("for k0 in range(0, K") and src.rstrip().endswith("w_ptrs += BLOCK_K")
+    assert "tl.load(w_ptrs" in src and "ss += x * x" in src and "acc += tl.sum(p, axis=1)" in src

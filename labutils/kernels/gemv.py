@@ -229,6 +229,18 @@ if triton is not None:
         return x.new_empty((x.shape[0], w.shape[0] // 2 if glu else w.shape[0]))
 
 
+def core_loop() -> str:
+    """The source of ``_gemv_kernel``'s main loop over K (the general path; the int8 PRMT path is the loop above
+    it in this file), dedented, for lab4 to show: read from this file, so it is always the code that runs."""
+    import inspect
+    import textwrap
+
+    src = inspect.getsource(inspect.getmodule(core_loop))
+    start = src.index("        for k0 in range(0, K if not PRMT")
+    end = src.index("            w_ptrs += BLOCK_K\n", start) + len("            w_ptrs += BLOCK_K\n")
+    return textwrap.dedent(src[start:end])
+
+
 def reference(x, w, scale=None, norm=None, eps: float = 0.0, residual=None, glu: bool = False) -> torch.Tensor:
     """What the kernel computes, in plain torch and x's dtype: ``residual + rms_norm(x) @ (w * scale).T``;
     ``glu``: the product's two halves (gate, up) become ``silu(gate) * up``."""

@@ -116,17 +116,21 @@ def tune(n: int, k: int, wdtype=torch.int8, xdtype=torch.bfloat16, device=None, 
     return table
 
 
-def tune_model(model: torch.nn.Module, **kw) -> list[dict]:
+def tune_model(model: torch.nn.Module, progress: bool = False, **kw) -> list[dict]:
     """``tune`` every distinct weight (shape, dtype, fusion) of the kernel-run layers of ``model`` (those
     with a ``cfg``: ``Linear`` and ``quant.Int8Linear`` "triton"), and set each layer's ``cfg`` to the winner.
     Which layer gets the norm or the residual fused in is read from ``model.FUSED_WITH`` (layer name ->
     "norm" | "residual" | "norm+glu", as ``lean.LeanMistral`` declares it). A case already tuned in this process is not
     timed again. -> one row per case: its best config, its time (median; spread = (p80 - p20) / median), the
-    runner-up's time. No GPU: no rows."""
+    runner-up's time. No GPU: no rows. ``progress``: a tqdm bar over the layers (the first tuning takes a minute)."""
     rows, done, roles = [], {}, getattr(model, "FUSED_WITH", {})
-    for name, m in model.named_modules():
-        if not (hasattr(m, "cfg") and hasattr(m, "weight")) or not _triton.available(m.weight):
-            continue
+    layers = [(n, m) for n, m in model.named_modules()
+              if hasattr(m, "cfg") and hasattr(m, "weight") and _triton.available(m.weight)]
+    if progress and layers:
+        from tqdm.auto import tqdm
+
+        layers = tqdm(layers, desc="tuning the GEMV block shapes", unit="layer")
+    for name, m in layers:
         w, fused = m.weight, roles.get(name.rsplit(".", 1)[-1]) if m.fuse else None
         xd = m.scales.dtype if m.scales is not None else w.dtype
         key = _key(*w.shape, w.dtype, xd, w.device, fused)

@@ -7,7 +7,12 @@ without it; e = the lean model with int8 weights (``--int8``: an Int8Linear impl
 the Triton kernel of labutils.kernels.gemv, or "auto": the fastest in a one-matrix kernel test, whose table is
 printed). A lean rung may name its attention and its linear kernel: ``d:sdpa``, ``d:reduce:triton``
 (bf16 weights through the Triton kernel, norms and residuals fused in; ``triton_plain``: not fused),
-``e:reduce:dequant`` (see labutils.lean.ATTN, quant.IMPLS); a fourth field ``nopdl`` runs the rung with
+``e:reduce:dequant`` (see labutils.lean.ATTN, quant.IMPLS). Library rungs (quant.LIBRARY) are int8 rungs
+whose kernel is a library's: ``e:reduce:int8pack`` (PyTorch's ``torch._weight_int8pack_mm``) and
+``e:reduce:torchao`` (torchao's ``quantize_`` with ``Int8WeightOnlyConfig``; if torchao cannot be imported the
+rung records why and runs ``e:reduce:dequant``, the same maths in plain torch). Every rung's label names
+what ran: "compiled" or "eager", and "plain torch" where a Triton kernel was asked for but cannot run.
+A fourth field ``nopdl`` runs the rung with
 no kernel launched by programmatic dependent launch (``e:triton:triton:nopdl``, for an A/B of PDL).
 Layers run by the Triton kernel are tuned per weight shape first (printed; the time is reported apart).
 ``--profile`` lists rungs to profile kernel by kernel after timing them. Prints one table (tok/s,
@@ -17,6 +22,8 @@ MBU, ms/token p50/p99, warm-up, first use = compile) and writes everything as JS
     python -m labutils.scripts.decode_bench --model mistral-7b       # 1 GPU: the 7B, random weights
     python -m labutils.scripts.decode_bench --rungs d,e --sweep 1,8,64 --out decode.json
     python -m labutils.scripts.decode_bench --rungs d:sdpa,d:reduce --profile d:sdpa,d:reduce --sweep ''
+    python -m labutils.scripts.decode_bench --model mistral-7b \
+        --rungs d:triton:triton,e:triton,e:reduce:int8pack,e:reduce:torchao --sweep ''   # library rungs beside
 
 Multi-GPU or multi-node runs do not apply: batch-1 decode is a one-device problem here.
 """
@@ -36,8 +43,9 @@ from labutils import profile as _profile
 from labutils.kernels import _triton, gemv_tune
 
 RUNGS = ("a", "b", "c", "d", "e", "d0")
-NAMES = {"a": "a: generate, eager", "b": "b: generate, static cache", "c": "c: HF forward compiled",
-         "d": "d: lean, compiled", "e": "e: lean int8, compiled", "d0": "d0: lean, compiled, no coord. descent"}
+NAMES = {"a": "a: HF generate, dynamic cache", "b": "b: HF generate, static cache", "c": "c: HF forward, own loop",
+         "d": "d: lean", "e": "e: lean int8", "d0": "d0: lean, no coord. descent"}
+
 
 
 def log(msg: str) -> None:
@@ -52,7 +60,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=prof.new_tokens, help="new tokens (default: %(default)s)")
     ap.add_argument("--slow-tokens", type=int, default=32, help="new tokens for rungs a, b (default: %(default)s)")
     ap.add_argument("--reps", type=int, default=3, help="timed generations per rung (default: %(default)s)")
-    ap.add_argument("--rungs", default="a,b,c,d,e", help="comma list of %(default)s")
+    ap.add_argument("--rungs", default="a,b,c,d,e,e:reduce:int8pack,e:reduce:torchao",
+                    help="comma list (default: %(default)s; the last two are the library rungs)")
     ap.add_argument("--sweep", default=",".join(map(str, prof.batch_sweep)), help="batch sizes ('' = none)")
     ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="auto: on a GPU only")
     ap.add_argument("--int8", choices=("auto", *quant.IMPLS), default="triton",
@@ -138,8 +147,9 @@ def main(argv=None) -> int:
     rows = [{k2: v2 for k2, v2 in v.items() if k2 != "detail"} for v in rec["runs"].values() if "tok/s" in v]
     for r, pr in shared.get("profiles", []):
         for how, p in pr.items():
-            print(f"\nprofile {r} ({how}): wall {1e3 * p['wall_s_per_token']:.3f} ms/token, kernels busy "
-                  f"{1e3 * p['busy_s_per_token']:.3f} ms, {p['launches_per_token']:.0f} kernels/token")
+            print(f"\nprofile {r} ({how}): wall {1e3 * p['wall_s_per_token']:.3f} ms/token, kernels busy (union) "
+                  f"{1e3 * p['busy_s_per_token']:.3f} ms = {100 * p['busy_fraction']:.0f}% of the profiled wall, "
+                  f"{p['launches_per_token']:.0f} kernels/token")
             print(plots.table(p["top"][:28], floatfmt=".4g"))
     print(plots.table(rows, floatfmt=".4g"))
     log(f"done in {time.perf_counter() - t_start:.0f} s")
@@ -168,7 +178,7 @@ def run_rung(r, rec, hf, prompt, forced, ref, max_len, N, args, comp, bw, peak, 
             return run_lean(r, kind, var, rec, hf, prompt, forced, ref, max_len, N, args, comp, bw, peak, shared)
         finally:
             _triton.PDL = pdl
-    name = NAMES[kind]
+    name = NAMES[kind] + (", compiled" if kind == "c" and comp else ", eager")
     run = decode.measure(name, gen, prompt, n, cost, bw, peak, reps=args.reps, warmup=warm)
     record(r, rec, run, chk, cost)
 
@@ -177,7 +187,7 @@ def record(r, rec, run, chk, cost):
     rec["checks"][r] = chk
     rec["runs"][r] = run.row() | {"first_use_s": chk["first_use_s"], "rel_err": chk["rel_err"],
                                   "GB/step": cost.bytes / 1e9, "detail": run.as_dict()}
-    log(f"{run.rung}: {run.tok_s:.1f} tok/s, MBU {100 * run.mbu:.1f}%, p99 {1e3 * run.itl_p99_s:.2f} ms, "
+    log(f"{run.rung}: {run.tok_s:.1f} tok/s, MBU {100 * run.mbu:.1f}%, ITL p99 {1e3 * run.itl_p99_s:.2f} ms, "
         f"first use {chk['first_use_s']:.1f} s, rel err {chk['rel_err']:.2e}")
 
 
@@ -192,7 +202,13 @@ def run_lean(r, kind, var, rec, hf, prompt, forced, ref, max_len, N, args, comp,
     attn, impl = (var + [""])[0] or "reduce", (var + ["", ""])[1] or (args.int8 if kind == "e" else "")
     model = quant.copy_structure(shared["lean"])
     model.attn = attn
-    if kind == "e":
+    asked = impl
+    if kind == "e" and impl in quant.LIBRARY:
+        model, impl, why = quant.library_int8(model, impl)
+        if why:
+            rec["runs"][r] = {"note": why}
+            log(f"rung {r}: {why}")
+    elif kind == "e":
         model = quant.quantize_int8(model, impl)
     elif impl in ("triton", "triton_plain"):
         model = quant.use_gemv(model, fuse=impl == "triton")
@@ -210,9 +226,13 @@ def run_lean(r, kind, var, rec, hf, prompt, forced, ref, max_len, N, args, comp,
     chk = decode.check(st, prompt, forced, ref, tol16 if kind in ("d", "d0") else tol8)
     cost = decode.step_cost(args.model, 1, max_len, quant.weight_bytes(model))
     gen = functools.partial(decode.loop_generate, st)
-    name = NAMES[kind] + f" [{attn}{', ' + impl if impl else ''}{'' if _triton.PDL else ', no PDL'}]"
+    name = decode.rung_label(NAMES[kind], attn, impl, comp, _triton.triton is not None and prompt.is_cuda, _triton.PDL,
+                             instead_of=asked if asked != impl else "")
     run = decode.measure(name, gen, prompt, N, cost, bw, peak, reps=args.reps, warmup=1)
+    note = rec["runs"].get(r, {}).get("note")
     record(r, rec, run, chk, cost)
+    if note:
+        rec["runs"][r]["note"] = note
     rec["runs"][r]["graphs"] = dict(torch._dynamo.utils.counters["stats"]).get("unique_graphs", 0)
     if r in args.profile.split(",") and kind in ("d", "e"):
         rec.setdefault("profiles", {})[r] = prof = kernel_profile(st, model, prompt, max_len, comp)
