@@ -2,7 +2,7 @@
 peer's published figures, the batch sweep with its ridge, serving throughput and latency, and the text that
 explains serving from what was measured (not from what a reference run once showed).
 
-Every title carries the device (``device_label``: labutils.hardware's helper where it exists, else a local one).
+Every title carries the device (``hardware.device_label``).
 
 Used in lab4 §Ladder, §Batch sweep, §Serving and §Cost.
 """
@@ -27,13 +27,8 @@ PEERS = [
 
 
 def device_label() -> str:
-    """The device in words for plot titles. labutils.hardware.device_label where it exists (lab1's helper);
-    until then this local fallback: the GPU's name, or "CPU (<model>, N cores)"."""
-    own = getattr(hardware, "device_label", None)
-    if callable(own):
-        return own()
-    info = hardware.describe()
-    return info.name if info.kind == "cuda" else f"CPU ({info.cpu}, {info.cpu_cores} cores)"
+    """The device in words for plot titles (labutils.hardware.device_label, the one lab0 and lab1 use)."""
+    return hardware.device_label()
 
 
 def peers_for(device_name: str) -> list[dict]:

@@ -17,3 +17,4 @@ def world_of_one(monkeypatch):
     yield ctx
     dist.destroy()
     assert not torch.distributed.is_initialized()
+
