@@ -81,7 +81,7 @@ def profile_decode(stepper, prompt, steps: int = 5, top: int = 8) -> dict:
     for profiled in (False, False, True):  # warm-up, plain, profiled
         tok = stepper.prefill(prompt).argmax(-1, keepdim=True)
         with quiet_fds() if profiled else contextlib.nullcontext(), \
-                profile(activities=acts) if profiled else contextlib.nullcontext() as prof, \
+                profile(activities=acts, acc_events=True) if profiled else contextlib.nullcontext() as prof, \
                 timing.stopwatch(dev) as wall:
             for i in range(steps):
                 tok = stepper.step(tok, torch.arange(P + i, P + i + 1, device=dev)).argmax(-1, keepdim=True)
