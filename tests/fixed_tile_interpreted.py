@@ -1,5 +1,5 @@
 """labutils.kernels.fixed_tile_gemm's Triton kernel run by Triton's interpreter on the CPU. TRITON_INTERPRET=1 must
-be set before triton is imported, so tests/test_fixed_tile_gemm.py runs this file in a fresh process. Not
+be set before triton is imported, so tests/test_triton_interpreted.py runs this file in a fresh process. Not
 collected on its own: its name does not start with test_."""
 
 import os
@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-assert os.environ.get("TRITON_INTERPRET") == "1", "run it through tests/test_fixed_tile_gemm.py (sets TRITON_INTERPRET)"
+assert os.environ.get("TRITON_INTERPRET") == "1", "run by tests/test_triton_interpreted.py"
 
 from labutils import timing  # noqa: E402
 from labutils.kernels import fixed_tile_gemm as ftg  # noqa: E402

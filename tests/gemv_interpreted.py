@@ -1,5 +1,5 @@
 """The Triton kernels of labutils.kernels run by Triton's interpreter on the CPU (TRITON_INTERPRET=1 must be
-set before triton is imported, so tests/test_gemv.py runs this file in a fresh process). Not collected on
+set before triton is imported, so tests/test_triton_interpreted.py runs this file in a fresh process). Not collected on
 its own: its name does not start with test_."""
 
 import os
@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_gemv.py (it sets TRITON_INTERPRET=1)"
+assert os.environ.get("TRITON_INTERPRET") == "1", "run by tests/test_triton_interpreted.py"
 
 from labutils import decode, lean, ops, quant, timing  # noqa: E402
 from labutils.kernels import _triton, decode_attn, gemv, gemv_tune  # noqa: E402
@@ -89,7 +89,7 @@ def tiny_lean():
 @pytest.mark.parametrize("impl", ["triton", "triton_plain"])
 def test_lean_int8_through_the_kernel_matches_plain_int8(kernel_on_cpu, impl):
     lm = tiny_lean()
-    prompt, forced = torch.randint(3, 256, (1, 5)), torch.randint(3, 256, (1, 4))
+    prompt, forced = torch.randint(3, 256, (1, 3)), torch.randint(3, 256, (1, 2))  # 2 interpreted steps
     plain = decode.teacher_forced(decode.LeanStepper(quant.quantize_int8(lm, "dequant"), 1, 16), prompt, forced)
     q = quant.quantize_int8(lm, impl)
     assert q.layers[0].w13.fuse == (impl == "triton")
@@ -133,7 +133,7 @@ def test_decode_attention_kernel_matches_reference(kernel_on_cpu, pos, block_s):
 
 def test_lean_with_both_kernels_matches_plain_lean(kernel_on_cpu):
     lm = tiny_lean()
-    prompt, forced = torch.randint(3, 256, (1, 5)), torch.randint(3, 256, (1, 4))
+    prompt, forced = torch.randint(3, 256, (1, 3)), torch.randint(3, 256, (1, 2))  # 2 interpreted steps
     ref = decode.teacher_forced(decode.LeanStepper(lm, 1, 16), prompt, forced)
     fast = quant.use_gemv(lm)
     fast.attn = "triton"

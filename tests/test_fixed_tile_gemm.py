@@ -1,9 +1,6 @@
 """lab1 §5b's fixed-tile GEMM: its tile arithmetic and plain-torch path here, its Triton kernel under Triton's
-interpreter in a fresh process (tests/fixed_tile_interpreted.py)."""
+interpreter in a fresh process (tests/fixed_tile_interpreted.py, run by tests/test_triton_interpreted.py)."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,15 +10,6 @@ from labutils import timing
 from labutils.kernels import fixed_tile_gemm as ftg
 
 HERE = Path(__file__).parent
-
-
-def test_kernel_under_triton_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(HERE.parent))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "fixed_tile_interpreted.py")]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=HERE.parent)
-    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
-    assert " passed" in p.stdout and "failed" not in p.stdout
 
 
 @pytest.mark.parametrize("m,n,k,block", [(70, 90, 50, (32, 64, 16)), (8, 8, 8, ftg.BLOCK)])

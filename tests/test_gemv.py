@@ -1,10 +1,7 @@
 """labutils.kernels.gemv: the plain-torch path on the CPU here, the Triton kernel itself through Triton's
-interpreter in a fresh process (tests/gemv_interpreted.py)."""
+interpreter in a fresh process (tests/gemv_interpreted.py, run by tests/test_triton_interpreted.py)."""
 
 import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,15 +15,6 @@ HERE = Path(__file__).parent
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                     reason="triton is not installed (requirements-dev.txt installs it on Linux x86-64)")
-def test_kernel_under_triton_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(HERE.parent))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "gemv_interpreted.py")]
-    p = subprocess.run(cmd,
-                       env=env, capture_output=True, text=True, timeout=600, cwd=HERE.parent)
-    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
-    assert " passed" in p.stdout and "failed" not in p.stdout
-
-
 def test_reference_is_norm_then_product_then_residual():
     g = torch.Generator().manual_seed(0)
     x, w, s = torch.randn(3, 64, generator=g), torch.randn(32, 64, generator=g), torch.rand(32, generator=g)

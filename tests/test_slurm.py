@@ -65,11 +65,12 @@ def test_lab_sbatch_trains_on_two_nodes(cluster):
 
 
 def test_a_lost_rank_fails_the_job(cluster):
-    """Rank 3 (node 2) SIGKILLs itself: the job ends FAILED with that rank named, not a hang."""
+    """Rank 1 (node 2; one rank per node here, the cheapest job that loses a node's rank) SIGKILLs itself: the
+    job ends FAILED with that rank named, not a hang."""
     job = cluster.submit(REPO / "launch/slurm/train.sbatch", "--steps", "3", "--crash-at-step", "2",
-                         "--crash-rank", "3", env=ENV | {"RDZV_PORT": str(launch.free_port())})
+                         "--crash-rank", "1", env=ENV | {"NPROC_PER_NODE": "1", "RDZV_PORT": str(launch.free_port())})
     r = cluster.wait(job, timeout=900)
     assert r.state == "FAILED", f"job {job} {r.state} ({r.exit_code}):\n{r.output[-3000:]}"
-    assert "CRASH rank=3 step=2" in r.output
-    assert re.search(r"rank\s*: 3 ", r.output) and re.search(r"exitcode\s*: -9", r.output), r.output[-3000:]
+    assert "CRASH rank=1 step=2" in r.output
+    assert re.search(r"rank\s*: 1 ", r.output) and re.search(r"exitcode\s*: -9", r.output), r.output[-3000:]
     assert "DONE" not in r.output
