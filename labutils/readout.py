@@ -93,8 +93,9 @@ def ladder(rows: list[dict], kind: str = "cuda") -> list[str]:
         m, p, tol = row["measured speed-up"], row["predicted speed-up"], _noise(row, prev)
         verdict = _verdict(m, p, tol)
         why = (_why(kind, change, m, tol, row, prev) if "unreadable" not in verdict else
-               "the two timings' p20-p80 spreads are wider than the change, so no explanation is tested; re-run on "
-               "a quieter machine (other work on shared cores sets this much)")
+               "the two timings' p20-p80 spreads are wider than the change, so no explanation is tested; re-run "
+               "with more repetitions or on a quieter machine (a launch-bound loop is as jittery as the host CPU "
+               "that launches it, GPU or not; other work on shared cores adds to it)")
         out.append(f"{row['rung']}: measured {_x(m)}, predicted {_x(p)} - {verdict} "
                    f"(noise +-{tol:.0%}; {_floor(row, prev)}): {why}.")
     return out
