@@ -26,11 +26,6 @@ PEERS = [
 ]
 
 
-def device_label() -> str:
-    """The device in words for plot titles (labutils.hardware.device_label, the one lab0 and lab1 use)."""
-    return hardware.device_label()
-
-
 def peers_for(device_name: str) -> list[dict]:
     """The PEERS rows measured on this kind of GPU (matched by name, e.g. "H200"); none on a CPU."""
     return [p for p in PEERS if p["gpu"].lower() in device_name.lower()]
@@ -45,7 +40,7 @@ def ladder_figure(rows: list[dict], roofs: dict[str, float], title: str, peers: 
     """Bars of tokens/s per rung (rows: {"rung", "tok/s", "library": bool}), hand-written rungs blue and library
     rungs orange; ``roofs``: {label: tok/s} dashed lines; ``peers``: dotted reference lines. The legend sits
     outside the axes, under them, so it covers no line."""
-    fig, ax = plots.figure(f"{title}\n{device_label()}", "", "tokens/s", size=(9, 5.2))
+    fig, ax = plots.figure(f"{title}\n{hardware.device_label()}", "", "tokens/s", size=(9, 5.2))
     colors = ["tab:orange" if r.get("library") else "tab:blue" for r in rows]
     ax.bar(range(len(rows)), [r["tok/s"] for r in rows], color=colors)
     ax.set_xticks(range(len(rows)), [tick(r["rung"]) for r in rows], rotation=30, ha="right", fontsize=7)
@@ -67,7 +62,7 @@ def batch_figure(rows: list[dict], ridge_batch: float, peak_tok_s: float | None 
     bs = [r["batch"] for r in rows]
     fig = plots.lines({"measured": (bs, [r["tok_s"] for r in rows]),
                        "roofline (measured ceilings)": (bs, [r["roofline_tok_s"] for r in rows])},
-                      title=f"decode tokens/s vs batch\n{device_label()}", xlabel="batch", ylabel="tokens/s",
+                      title=f"decode tokens/s vs batch\n{hardware.device_label()}", xlabel="batch", ylabel="tokens/s",
                       logx=True, logy=True)
     ax = fig.axes[0]
     ax.axvline(ridge_batch, color="tab:red", ls=":", label=f"ridge: batch ≈ {ridge_batch:,.0f}")
@@ -96,7 +91,7 @@ def serving_figure(rows: dict[str, list[dict]], note: str = ""):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     a2.set_yscale("log")
-    fig.suptitle(f"transformers serve: throughput and latency vs concurrency — {device_label()}")
+    fig.suptitle(f"transformers serve: throughput and latency vs concurrency — {hardware.device_label()}")
     if note:
         fig.text(0.5, -0.02, note, ha="center", fontsize=8)
     return fig

@@ -143,12 +143,9 @@ class Server:
 
     def _log_phase(self) -> str:
         """The log's last non-empty line, for the progress bar (a warning is named, not repeated)."""
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(max(0, f.seek(0, 2) - 2048))
-                lines = [x.strip() for x in f.read().decode(errors="replace").splitlines() if x.strip()]
-        except OSError:
+        if self.log_path is None or not self.log_path.exists():
             return ""
+        lines = [x.strip() for x in self.log_tail(5).splitlines() if x.strip()]
         last = lines[-1] if lines else "python starting (imports)"
         return "the log has a warning (see the log)" if "warn" in last.lower() else last[-70:]
 

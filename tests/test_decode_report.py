@@ -4,6 +4,7 @@ ridge, the serving panels, and the serving sentences that follow the numbers giv
 import pytest
 
 from labutils import decode_report as report
+from labutils import hardware
 
 
 def _rows(rates, ttft, itl, conc=(1, 4, 16, 64)):
@@ -12,7 +13,7 @@ def _rows(rates, ttft, itl, conc=(1, 4, 16, 64)):
 
 
 def test_titles_carry_the_device_label():
-    label = report.device_label()
+    label = hardware.device_label()
     assert label and label in report.ladder_figure([{"rung": "a: x", "tok/s": 1.0}], {}, "t").axes[0].get_title()
     rows = [{"batch": b, "tok_s": 10.0 * b, "roofline_tok_s": 12.0 * b} for b in (1, 4)]
     assert label in report.batch_figure(rows, 300.0, 1e4).axes[0].get_title()
