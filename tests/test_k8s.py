@@ -72,8 +72,9 @@ def test_the_pytorchjob_starts_the_same_script():
 
 def test_the_job_runs_here_with_the_pods_environment():
     env = {"SMML_DIST_BACKEND": "gloo", "HF_HUB_OFFLINE": "1"}
-    r, ps, plan = local_pods.run_locally(REPO / "launch/k8s/train.yaml", nproc=2, env=env, timeout=900,
+    # one rank per pod (lab3 §Orchestrators runs the same): the pods' rendezvous is what is tested, not a rank count
+    r, ps, plan = local_pods.run_locally(REPO / "launch/k8s/train.yaml", nproc=1, env=env, timeout=900,
                                          extra_args=["--steps", "2", "--layers", "1", "--seq", "32"], stream=False)
-    assert "world 4 ranks on 2 node(s); all_reduce sum 10 (expected 10): ok" in r.output
+    assert "world 2 ranks on 2 node(s); all_reduce sum 3 (expected 3): ok" in r.output
     assert "[node0] DONE final_loss=" in r.output
     assert "--node-rank 1 --master-addr 127.0.0.1" in r.cmd  # node rank = pod index 1

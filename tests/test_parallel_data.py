@@ -1,15 +1,15 @@
-"""labutils.parallel.data: ZeRO memory formulas, the DP wrappers at a world of one, bad input, and (4 gloo ranks
-through labutils.launch) naive / bucketed / DDP / FSDP2 against one rank, memory, the big step, scaling."""
+"""labutils.parallel.data: ZeRO memory formulas, the DP wrappers at a world of one, bad input. Naive / bucketed /
+DDP / FSDP2 on 4 ranks run in lab2 §5 (labutils.scripts.lab2_data, which checks itself against one rank and
+its shards' bytes: tests/test_script_checks.py)."""
 
 from __future__ import annotations
 
-import json
 import types
 
 import pytest
 import torch
 
-from labutils import launch, timing
+from labutils import timing
 from labutils.parallel import data as dp
 from labutils.parallel import pipeline as pl
 
@@ -45,25 +45,3 @@ def test_wrappers_at_world_of_one_keep_the_local_gradients(world_of_one, kind):
         assert timing.rel_err(p.grad, r.grad) < 1e-6
     if kind != "naive":
         assert len(w.buckets) > 1 and sum(len(b) for b in w.buckets) == len(list(ref.parameters()))
-
-
-def test_four_gloo_ranks_dp_kinds_match_one_rank_and_fsdp_shards_memory(tmp_path):
-    out = tmp_path / "dp.json"
-    # the correctness and memory parts only: lab2 §5 runs the timed parts (overlap, scaling) of the same script
-    launch.run("labutils.scripts.lab2_data", ["--parts", "check", "memory", "big", "--steps", "2", "--reps", "1",
-                                              "--out", out], nproc=4,
-               env={"SMML_DIST_BACKEND": "gloo"}, timeout=900, stream=False)
-    doc = json.loads(out.read_text())
-    assert [c["kind"] for c in doc["checks"]] == ["naive", "bucket", "ddp", "fsdp"]
-    for c in doc["checks"]:
-        assert c["ok"] and c["loss_rel_err"] < 1e-4 and len(c["losses"]) == 2, c
-    mem = doc["memory"]
-    ddp, fsdp = mem["ddp"]["measured"], mem["fsdp"]["measured"]
-    assert ddp["params"] == mem["ddp"]["predicted"]["params"] == 4 * mem["ddp"]["n_params"]
-    assert ddp["optimizer"] == 2 * ddp["params"]
-    for part in ("params", "grads", "optimizer"):  # a quarter each, up to FSDP2's padding of each shard
-        assert fsdp[part] == pytest.approx(ddp[part] / 4, rel=0.02), part
-    assert "overlap" not in doc and "scaling" not in doc  # --parts was followed
-    big = doc["big"]
-    assert big["tokens_per_s"] > 0 and big["world"] == 4
-    assert big["measured"]["params"] == pytest.approx(big["n_params"] * 4 / 4, rel=0.02)

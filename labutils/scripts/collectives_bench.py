@@ -94,6 +94,23 @@ def nccl_summary(args, ctx) -> dict | None:
     return topology.merge(everyone) | {"per_rank": everyone}
 
 
+def verify(ranks: list, groups: dict, rows: list, fits: dict, split: bool, wanted) -> list[str]:
+    """What is wrong with rank 0's sweep beyond #wrong (empty: nothing): two nodes of two or more ranks give the
+    intra- and inter-node groups, split hosts give each node its own NCCL host id, and every (group, op) swept
+    has its alpha-beta fit."""
+    bad, nodes = [], {r["node"] for r in ranks}
+    per = [sum(r["node"] == n for r in ranks) for n in sorted(nodes)]
+    for g in ("intra", "inter", "world"):
+        if g in wanted and (g == "world" or (len(nodes) >= 2 and per[0] >= 2 and per[0] == per[1])) and g not in groups:
+            bad.append(f"no {g!r} group with {len(nodes)} nodes of {per} ranks")
+    if split and len({r["nccl_hostid"] for r in ranks}) != len(nodes):
+        bad.append(f"NCCL host ids {sorted({str(r['nccl_hostid']) for r in ranks})} for {len(nodes)} nodes")
+    swept = {f"{r['group']}/{r['op']}" for r in rows}
+    if set(fits) != swept:
+        bad.append(f"alpha-beta fits for {sorted(fits)}, swept {sorted(swept)}")
+    return bad
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     hostid = topology.split_hosts_from_env()
@@ -111,6 +128,9 @@ def main(argv=None) -> int:
         wrong = sum(r["wrong"] for r in rows)
         if ctx.is_main:
             fits = {f"{g}/{op}": f.as_dict() for (g, op), f in collectives.fit_sweep(rows).items()}
+            for line in verify(ranks, groups, rows, fits, hostid is not None, args.groups):
+                dist.print0(f"collectives_bench: WRONG: {line}")
+                wrong += 1
             if nccl:
                 dist.print0("NCCL: " + topology.describe(nccl))
             if args.out:

@@ -159,6 +159,21 @@ def time_config(name, group, args, ctx, model) -> dict:
                   "grad_bytes": int(sum(sizes)), "tokens_per_rank_step": args.batch * args.seq}
 
 
+def verify(rows: list, configs, ranks: dict, grad_bytes: int) -> list[str]:
+    """What is wrong with the timed rows (empty: nothing): every configuration ran on its number of ranks, its
+    buckets hold every gradient byte once, and each of compute, DDP step and communication took some time."""
+    bad = []
+    if [(r["config"], r["ranks"]) for r in rows] != [(c, ranks[c]) for c in configs]:
+        bad.append(f"ran {[(r['config'], r['ranks']) for r in rows]}, asked {[(c, ranks[c]) for c in configs]}")
+    for r in rows:
+        if not sum(r["buckets"]) == r["grad_bytes"] == grad_bytes:
+            bad.append(f"{r['config']}: buckets sum to {sum(r['buckets']):,} bytes, gradients {r['grad_bytes']:,}, "
+                       f"parameters {grad_bytes:,}")
+        if not (r["compute_s"] > 0 and r["ddp_s"] > 0 and r["comm_s"] > 0):
+            bad.append(f"{r['config']}: compute {r['compute_s']}, ddp {r['ddp_s']}, comm {r['comm_s']} s")
+    return bad
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     hostid = topology.split_hosts_from_env()
@@ -177,6 +192,10 @@ def main(argv=None) -> int:
         chk = check(args, ctx, model)
         dist.print0(f"check: DDP loss vs one rank on the global batch rel err {chk.get('loss_rel_err', 0):.2e}, "
                     f"gradients rel err {chk.get('grad_rel_err', 0):.2e}")
+        tol = 1e-4 if args.dtype == "float32" else 3e-2  # bf16: the reduction order shows in the last bits
+        if chk and not (chk["loss_rel_err"] < tol and chk["grad_rel_err"] < 10 * tol):
+            dist.print0("ddp_overhead: FAILED, DDP does not match one rank: nothing timed")
+            return 1
         rows = []
         for name in args.configs:
             if name == "node" and len(nodes) < 2:
@@ -193,11 +212,14 @@ def main(argv=None) -> int:
                    "model": dataclasses.asdict(p), "args": vars(args), "fingerprint": hardware.fingerprint()}
             results.atomic_write_bytes(args.out, json.dumps(doc, indent=1, default=str).encode())
             dist.print0(f"wrote {args.out}")
-        tol = 1e-4 if args.dtype == "float32" else 3e-2  # bf16: the reduction order shows in the last bits
-        ok = not chk or (chk["loss_rel_err"] < tol and chk["grad_rel_err"] < 10 * tol)
+        per_elem = 4 if args.dtype == "float32" else 2
+        problems = verify(rows, [c for c in args.configs if c != "node" or len(nodes) > 1],
+                          {"node": ctx.world // len(nodes), "world": ctx.world}, n_params * per_elem)
+        for line in problems:
+            dist.print0(f"ddp_overhead: WRONG: {line}")
         tdist.barrier()
-        dist.print0("ddp_overhead: OK" if ok else "ddp_overhead: FAILED, DDP does not match one rank")
-        return 0 if ok else 1
+        dist.print0("ddp_overhead: OK" if not problems else "ddp_overhead: FAILED")
+        return 1 if problems else 0
     finally:
         dist.destroy()
 

@@ -259,6 +259,39 @@ def scaling(sz, ctx) -> dict:
     return out
 
 
+def verify(doc: dict, kinds, steps: int, world: int) -> list[str]:
+    """What is wrong with rank 0's record (empty: nothing): every kind checked over every step, DDP holding
+    4 bytes per parameter of weights and gradients and 8 of AdamW state, FSDP2 a 1/world share of each (up to
+    the padding of each shard), and the big model's FSDP2 step the same share of its weights."""
+    bad = []
+
+    def near(a, b, what):
+        if not abs(a - b) <= 0.02 * abs(b):
+            bad.append(f"{what}: {a:,.0f} bytes, expected {b:,.0f} (within 2 %)")
+
+    if "checks" in doc:
+        if [c["kind"] for c in doc["checks"]] != list(kinds):
+            bad.append(f"checked {[c['kind'] for c in doc['checks']]}, asked {list(kinds)}")
+        bad += [f"{c['kind']}: {len(c['losses'])} losses for {steps} steps" for c in doc["checks"]
+                if len(c["losses"]) != steps]
+    if "memory" in doc:
+        mem = doc["memory"]
+        ddp, fsdp = mem["ddp"]["measured"], mem["fsdp"]["measured"]
+        if not ddp["params"] == mem["ddp"]["predicted"]["params"] == 4 * mem["ddp"]["n_params"]:
+            bad.append(f"DDP parameters {ddp['params']:,} bytes, predicted {mem['ddp']['predicted']['params']:,}, "
+                       f"4 x {mem['ddp']['n_params']:,} parameters")
+        if ddp["optimizer"] != 2 * ddp["params"]:
+            bad.append(f"DDP AdamW state {ddp['optimizer']:,} bytes is not twice the parameters' {ddp['params']:,}")
+        for part in ("params", "grads", "optimizer"):
+            near(fsdp[part], ddp[part] / world, f"FSDP2 {part} per rank (DDP's / {world})")
+    if "big" in doc:
+        big = doc["big"]
+        if not (big["tokens_per_s"] > 0 and big["world"] == world):
+            bad.append(f"big step: {big['tokens_per_s']} tokens/s on {big['world']} ranks")
+        near(big["measured"]["params"], big["n_params"] * 4 / world, "big model's FSDP2 parameters per rank")
+    return bad
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     ctx = dist.init()
@@ -281,13 +314,16 @@ def main(argv=None) -> int:
             dist.print0(f"FSDP2 step of {sz['big_model']}: {doc['big']['tokens_per_s']:,.0f} tokens/s")
         if "scaling" in args.parts:
             doc["scaling"] = scaling(sz, ctx)
+        problems = verify(doc, args.kinds, sz["steps"], ctx.world) if ctx.is_main else []
+        for line in problems:
+            dist.print0(f"lab2_data: WRONG: {line}")
         if args.out and ctx.is_main:
             from labutils import hardware, results
 
             doc["fingerprint"] = hardware.fingerprint()
             results.atomic_write_bytes(args.out, json.dumps(doc, default=str).encode())
             dist.print0(f"wrote {args.out}")
-        return 0
+        return 1 if problems else 0
     finally:
         dist.destroy()
 

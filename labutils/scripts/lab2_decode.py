@@ -29,6 +29,7 @@ import argparse
 import gc
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -222,6 +223,36 @@ def run_layout(kind, k, a, path, dt, ctx, check) -> dict | None:
     return result
 
 
+def verify(rec: dict, tol: float, hf_sizes, layouts) -> list[str]:
+    """What is wrong with rank 0's record (empty: nothing): the same-input check passes and catches different
+    inputs (whose logits come out silently wrong), transformers' TP and every lean layout match TP=1, every
+    batch was timed, and a device holds less under PP than under TP, and less under TP than alone."""
+    hf, bad = rec["hf_tp"], []
+    if not (hf["same_input_ok"] and hf["different_input_caught"]
+            and "differ between ranks" in hf.get("different_input_error", "")):
+        bad.append(f"the same-input check: same {hf['same_input_ok']}, different caught "
+                   f"{hf['different_input_caught']} ({hf.get('different_input_error')!r})")
+    if [r["tp"] for r in hf["tp"]] != list(hf_sizes):
+        bad.append(f"transformers TP ran {[r['tp'] for r in hf['tp']]}, asked {list(hf_sizes)}")
+    for r in hf["tp"]:
+        if not r["rel_err"] <= tol:
+            bad.append(f"transformers TP={r['tp']}: logits rel err {r['rel_err']:.2e} > {tol:g} against TP=1")
+    if hf["tp"] and not (hf["tp"][-1].get("different_inputs_rel_err") or 0) > 0.1:
+        bad.append("different inputs per rank did not change the logits: the demonstration shows nothing")
+    rows = {r["layout"]: r for r in rec["decode"]}
+    if sorted(rows) != sorted(f"{k.upper()}={n}" for k, n in layouts):
+        bad.append(f"layouts run {sorted(rows)}, asked {sorted(f'{k.upper()}={n}' for k, n in layouts)}")
+    for name, r in rows.items():
+        if [x["batch"] for x in r["runs"]] != list(rec["batches"]) or not all(x["tok_s"] > 0 for x in r["runs"]):
+            bad.append(f"{name}: batches {[(x['batch'], x['tok_s']) for x in r['runs']]}, asked {rec['batches']}")
+    w = rec["world"]
+    mem = [rows[k]["max_bytes_per_device"] for k in (f"PP={w}", f"TP={w}", "TP=1") if k in rows]
+    if len(mem) == 3 and not mem[0] < mem[1] < mem[2]:
+        bad.append(f"bytes per device PP={w} {mem[0]:.3g}, TP={w} {mem[1]:.3g}, TP=1 {mem[2]:.3g}: expected "
+                   "PP < TP < one device (TP keeps the embedding and head whole)")
+    return bad
+
+
 def main(argv=None):
     a = parse_args(argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -253,12 +284,16 @@ def main(argv=None):
     layouts = [("tp", k) for k in tp_sizes] + ([] if a.no_pp or world == 1 else [("pp", world)])
     rec["decode"] = [r for r in (run_layout(kind, k, a, path, dt, ctx, (ids, forced, ref_forced, tol))
                                  for kind, k in layouts) if r is not None or ctx.rank != 0]
+    rec["problems"] = verify(rec, tol, hf_sizes, layouts) if ctx.is_main else []
+    for line in rec["problems"]:
+        dist.print0(f"lab2_decode: WRONG: {line}")
     if ctx.is_main and a.out:
         rec["fingerprint"] = hardware.fingerprint()
         results.atomic_write_bytes(a.out, json.dumps(rec, indent=1).encode())
     dist.destroy()
+    dist.print0("lab2_decode: OK" if not rec["problems"] else "lab2_decode: FAILED")
     return rec
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main()["problems"] else 0)

@@ -154,6 +154,29 @@ def time_all(args, sz: dict, ctx, meta) -> list[dict]:
     return runs
 
 
+def verify(runs: list, schedules, microbatches, world: int) -> list[str]:
+    """What is wrong with rank 0's timed runs (empty: nothing; losses and gradients were checked before any
+    timing): every schedule timed at every m >= the ranks, the predicted bubble is the formula's, the measured
+    one a fraction, and every stage of every rank ran each micro-batch's forward and backward once per chunk."""
+    bad = []
+    want = sorted((k, m) for k in schedules for m in microbatches if m >= world)
+    if sorted((r["schedule"], r["m"]) for r in runs) != want:
+        bad.append(f"timed {sorted((r['schedule'], r['m']) for r in runs)}, asked {want}")
+    for r in runs:
+        name = f"{r['schedule']} m={r['m']}"
+        if r["p"] != world or len(r["events"]) != world:
+            bad.append(f"{name}: p={r['p']} with events from {len(r['events'])} ranks, the job has {world}")
+        if abs(r["predicted"] - pl.bubble_fraction(world, r["m"], r["chunks"])) > 1e-12:
+            bad.append(f"{name}: predicted bubble {r['predicted']} is not (p-1)/(v m + p-1)")
+        if not 0.0 <= r["measured"]["p50"] < 1.0:
+            bad.append(f"{name}: measured bubble {r['measured']['p50']} is not a fraction")
+        want_ev = sorted((k, mb) for k in "FB" for mb in range(r["m"]) for _ in range(r["chunks"]))
+        for rank, evs in enumerate(r["events"]):
+            if sorted((e["kind"], e["mb"]) for e in evs) != want_ev:
+                bad.append(f"{name}: rank {rank} did not run every forward and backward once per chunk")
+    return bad
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     ctx = dist.init()
@@ -171,6 +194,9 @@ def main(argv=None) -> int:
             dist.print0(f"pipelined step differs from the unpipelined model (tolerance {TOL:g}): not timing it")
             return 1
         runs = time_all(args, sz, ctx, pl.make_model(sz["model"], sz["layers"], sz["vocab"], device="meta", dtype=dt))
+        problems = verify(runs, args.schedules, args.microbatches, ctx.world) if ctx.is_main else []
+        for line in problems:
+            dist.print0(f"lab2_pipeline: WRONG: {line}")
         if args.out and ctx.is_main:
             from labutils import hardware, results
 
@@ -178,7 +204,7 @@ def main(argv=None) -> int:
                    "fingerprint": hardware.fingerprint()}
             results.atomic_write_bytes(args.out, json.dumps(doc, default=str).encode())
             dist.print0(f"wrote {args.out}")
-        return 0
+        return 1 if problems else 0
     finally:
         dist.destroy()
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -101,6 +102,35 @@ def mlp_check(hidden, ffn, ctx, mesh1) -> dict:
     return out
 
 
+TOL = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}  # rel err of a sharded product vs one device
+
+
+def verify(rec: dict, placements) -> list[str]:
+    """What is wrong with a run's record (empty: nothing). The run's own check, made before its figures are
+    shown: every placement ran and equals the one-device product, by hand and through DTensor, DTensor's C has the
+    placement the derivation gives, every timing is positive, and the TP MLP's output and gradients match."""
+    tol, bad = TOL.get(rec["dtype"], 5e-2), []
+    want = [p for p in placements if p != "2d" or round(rec["world"] ** 0.5) ** 2 == rec["world"]]
+    rows = {r["placement"]: r for r in rec["gemm"]}
+    if sorted(rows) != sorted(want):
+        bad.append(f"placements run {sorted(rows)}, asked {sorted(want)}")
+    for pl, r in rows.items():
+        for k in ("rel_err_hand", "rel_err_dtensor"):
+            if not r[k] < tol:
+                bad.append(f"{pl}: {k} {r[k]:.2e} >= {tol:g}: the sharded product is wrong")
+        if not (r["compute_s"] > 0 and (r["comm_s"] > 0 or r["collective"] is None)):
+            bad.append(f"{pl}: compute {r['compute_s']} s, comm {r['comm_s']} s ({r['collective']}): not timed")
+    for pl, c in (("k", ["P(sum)"]), ("2d", ["S(0)", "S(1)"])):
+        if pl in rows and rows[pl]["dtensor_c"] != c:
+            bad.append(f"{pl}: DTensor's C is {rows[pl]['dtensor_c']}, the derivation says {c}")
+    if not rec["link"]["beta_Bps"] > 0:
+        bad.append(f"link beta {rec['link']['beta_Bps']}: the alpha-beta fit failed")
+    for how, m in rec["mlp"].items():
+        if not (m["rel_err_out"] < tol and m["rel_err_grads"] < tol):
+            bad.append(f"MLP {how}: output {m['rel_err_out']:.1e}, gradients {m['rel_err_grads']:.1e} >= {tol:g}")
+    return bad
+
+
 def main(argv=None):
     a = parse_args(argv)
     ctx = dist.init()
@@ -124,11 +154,15 @@ def main(argv=None):
     mlp = mlp_check(*a.mlp, ctx, mesh1)
     rec = {"world": world, "backend": ctx.backend, "device": str(dev), "size": a.size, "dtype": a.dtype,
            "link": link, "gemm": rows, "mlp": mlp, "mlp_shape": list(a.mlp)}
+    rec["problems"] = verify(rec, a.placements)
+    for line in rec["problems"]:  # from every rank that sees one: each checks its own shard
+        print(f"lab2_shard: WRONG on rank {ctx.rank}: {line}", flush=True)
     if ctx.is_main and a.out:
         results.atomic_write_bytes(a.out, json.dumps(rec, indent=1).encode())
     dist.destroy()
+    dist.print0("lab2_shard: OK" if not rec["problems"] else "lab2_shard: FAILED")
     return rec
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main()["problems"] else 0)

@@ -208,6 +208,23 @@ def run_layout(layout, path, ref, args, ctx, p, per_node: int) -> dict:
                      "measured_train_step_bytes": train_bytes, "predicted": pred}
 
 
+def verify(rows: list, names, per_node: int) -> list[str]:
+    """What is wrong with the rows (empty: nothing; the logits were checked against TP=1 before any timing):
+    every layout ran and was timed, and the prediction sends decode traffic between nodes exactly when TP spans
+    more than one node."""
+    bad = []
+    if [r["name"] for r in rows] != list(names):
+        bad.append(f"ran {[r['name'] for r in rows]}, asked {list(names)}")
+    for r in rows:
+        if not (r["decode_tok_s"] > 0 and r["train_tok_s"] > 0):
+            bad.append(f"{r['name']}: decode {r['decode_tok_s']} tok/s, training {r['train_tok_s']} tok/s")
+        crosses = r["predicted"]["inter_decode_bytes"] > 0
+        if crosses != (r["tp"] > per_node):
+            bad.append(f"{r['name']}: predicted {r['predicted']['inter_decode_bytes']:,.0f} decode bytes between "
+                       f"nodes with TP={r['tp']} and {per_node} ranks per node")
+    return bad
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     hostid = topology.split_hosts_from_env()
@@ -239,8 +256,11 @@ def main(argv=None) -> int:
                    "args": vars(args), "fingerprint": hardware.fingerprint()}
             results.atomic_write_bytes(args.out, json.dumps(doc, indent=1, default=str).encode())
             dist.print0(f"wrote {args.out}")
-        dist.print0("lab3_mistral: OK")
-        return 0
+        problems = verify(rows, names, per_node)
+        for line in problems:
+            dist.print0(f"lab3_mistral: WRONG: {line}")
+        dist.print0("lab3_mistral: OK" if not problems else "lab3_mistral: FAILED")
+        return 1 if problems else 0
     finally:
         dist.destroy()
 
