@@ -8,7 +8,9 @@ import pytest
 from launch.slurm import local_cluster
 
 
-def test_a_second_cluster_waits_for_the_host_lock_and_then_says_what_to_do(capsys):
+def test_a_second_cluster_waits_for_the_host_lock_and_then_says_what_to_do(capsys, tmp_path, monkeypatch):
+    # a lock of its own: the host's may be held right now by lab3 or test_slurm on another pytest-xdist worker
+    monkeypatch.setattr(local_cluster, "HOST_LOCK", tmp_path / "smml-local-slurm.lock")
     with open(local_cluster.HOST_LOCK, "a+") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running cluster holds it
         other = local_cluster.LocalSlurm()
