@@ -127,5 +127,29 @@ def main(argv: list[str]) -> None:
     torchrun()
 
 
+def _exit_now(code) -> None:
+    """End the process with ``code`` (a ``sys.exit`` argument) without the interpreter's finalisation: a rank
+    or agent that has imported torch and transformers spends 0.5-2.5 s of CPU tearing down its modules on the
+    way out (measured on the 2-core box: ``import torch`` then exit 2.6 s, then ``os._exit`` 1.7 s), after its
+    work and its output are done. Python's buffers are flushed first; files the target wrote are closed by it
+    (results are written atomically), and the kernel closes its sockets. An exception other than SystemExit
+    never comes here: it ends the process the usual way, traceback and all."""
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):  # closed or missing: nothing left to lose
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except SystemExit as done:
+        _exit_now(done.code)
+    _exit_now(0)

@@ -418,3 +418,22 @@ def test_simulate_nodes_passes_max_restarts(monkeypatch):
     with pytest.raises(_Stop):
         launch.simulate_nodes(2, 1, SCRIPT, max_restarts=3)
     assert len(made) == 2 and all(c[c.index("--max-restarts") + 1] == "3" for c in made)
+
+
+@pytest.mark.parametrize("tail, code, err", [("", 0, ""), ("sys.exit(3)", 3, ""),
+                                             ("sys.exit('bad input: pass --x')", 1, "bad input: pass --x")])
+def test_a_rank_leaves_without_finalisation_and_keeps_its_output_and_code(tmp_path, tail, code, err):
+    """The worker wrapper ends a finished rank with os._exit (torch's and transformers' teardown is 0.5-2.5 s of
+    CPU per process): buffered output still arrives, the exit code and message are the target's, and the
+    interpreter's finalisation (atexit) does not run."""
+    flag = tmp_path / "atexit-ran"
+    script = _script(tmp_path, f"""
+        import atexit
+        atexit.register(lambda: open({str(flag)!r}, "w").close())
+        sys.stdout.write("no newline, never flushed")
+        {tail}
+    """)
+    p = subprocess.run([sys.executable, "-m", "labutils._agent", "--worker", str(script)], capture_output=True,
+                       text=True, timeout=120, cwd=REPO, env=dict(os.environ, RANK="0"))
+    assert (p.returncode, p.stdout, p.stderr.strip()) == (code, "no newline, never flushed", err)
+    assert not flag.exists()
