@@ -45,7 +45,9 @@ HOST = "127.0.0.1"
 # server stop its own process group, whichever thread started it. Started from the main thread it also
 # asks for SIGTERM at its parent's death (that signal follows the thread that forked, hence only then).
 # A mistral-common that is installed but cannot be imported (missing dependencies) would make every
-# Mistral tokenizer fail to load in the server; hidden, transformers reads tokenizer.json instead.
+# Mistral tokenizer fail to load in the server; hidden, transformers reads tokenizer.json instead. Once the CLI
+# has returned (stopped), the process ends with os._exit: the interpreter's teardown of torch and transformers
+# is seconds of CPU that nobody waits for usefully (launch does the same for ranks, in labutils._agent).
 _BOOT = ("import ctypes, os, signal, sys, threading, time\n"
          "if sys.argv.pop(1) == 'main-thread':\n"
          "    try:\n        ctypes.CDLL(None).prctl(1, signal.SIGTERM)\n    except Exception:\n        pass\n"
@@ -55,7 +57,10 @@ _BOOT = ("import ctypes, os, signal, sys, threading, time\n"
          "try:\n    import mistral_common.tokens.tokenizers.tekken\n"
          "except Exception as e:\n    print(f'mistral-common unusable ({e}): hidden from transformers', flush=True)\n"
          "    sys.modules['mistral_common'] = None\n"
-         "from transformers.cli.transformers import main\nsys.exit(main())\n")
+         "from transformers.cli.transformers import main\n"
+         "try:\n    code = main()\nexcept SystemExit as e:\n    code = e.code\n"
+         "sys.stdout.flush()\nsys.stderr.flush()\n"
+         "os._exit(code if isinstance(code, int) else (0 if code is None else 1))\n")
 OURS = ("--host", "--port")  # set by Server itself: 127.0.0.1 only, and the port it checks
 
 
