@@ -22,13 +22,10 @@ STAMP := $(VENV)/.installed
 .PHONY: setup lab run execute test lint reference clean
 setup: $(STAMP)
 
-# pip byte-compiles every file it installs on one core (~230 MB of .py here: about a minute on the 2-core box);
-# compileall -j 0 does the same on every core, once, after both installs.
 $(STAMP): requirements.txt requirements-dev.txt
 	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
-	@$(VENV)/bin/python -c "import torch" 2>/dev/null || $(VENV)/bin/python -m pip install -q --no-compile $(TORCH_SPEC)
-	$(VENV)/bin/python -m pip install -q --no-compile -r requirements-dev.txt
-	@$(VENV)/bin/python -m compileall -qq -j 0 "$$($(VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" || true
+	@$(VENV)/bin/python -c "import torch" 2>/dev/null || $(VENV)/bin/python -m pip install -q $(TORCH_SPEC)
+	$(VENV)/bin/python -m pip install -q -r requirements-dev.txt
 	@touch $@
 
 # JupyterLab refuses to run as root unless told; containers and cloud GPU boxes often are root.

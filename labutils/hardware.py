@@ -288,10 +288,11 @@ def _graph_timing(mm, pairs, ref_out, dtype, dev, label, **kw) -> timing.Timing:
 
 def matmul_peak(dtype: str = "bfloat16", size: int | None = None, device=None, reps: int = 30,
                 settle_s: float | None = None) -> GemmResult:
-    """Measured matmul ceiling: a large square product (8192 on a GPU, 1024 on a CPU), timed like every
-    other GEMM (after ``settle_s``, default ``SETTLE_S`` on a GPU): the clock it sustains, not its burst."""
+    """Measured matmul ceiling: a large square product (8192 on a GPU; on a CPU 1024, and 512 for 16-bit types,
+    which a CPU without native support emulates at ~1 GFLOP/s: 1024 would be ~25 s a dtype for the same figure),
+    timed like every other GEMM (after ``settle_s``, default ``SETTLE_S`` on a GPU): the clock it sustains."""
     dev = torch.device(device) if device is not None else default_device()
-    size = size or (8192 if dev.type == "cuda" else 1024)
+    size = size or (8192 if dev.type == "cuda" else 512 if dtype in ("bfloat16", "float16") else 1024)
     return gemm(size, size, size, dtype, dev, reps=reps, settle_s=settle_s)
 
 
