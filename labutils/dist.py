@@ -111,3 +111,14 @@ def print0(*args, **kwargs) -> None:
     """One line on rank 0 only, at once (``dist.say``); with ``print``'s keywords, ``print`` flushed."""
     if rank() == 0:
         say(*args) if not kwargs else print(*args, **kwargs, flush=True)
+
+
+def report(script: str, problems: list[str], every_rank: bool = False) -> int:
+    """A script's ``verify`` findings, one ``<script>: WRONG: ...`` line each (rank 0's, or with ``every_rank``
+    each rank's own, named), then the exit status for them: 0 when there are none, else 1."""
+    for line in problems:
+        if every_rank:
+            say(f"{script}: WRONG on rank {rank()}: {line}")
+        else:
+            print0(f"{script}: WRONG: {line}")
+    return 1 if problems else 0

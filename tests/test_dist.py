@@ -85,3 +85,14 @@ def test_lines_of_ranks_sharing_a_pipe_never_interleave(tmp_path):
     assert len(lines) == 6000
     bad = [x for x in lines if not (x.startswith(("R0 line ", "R1 line ")) and x.endswith(" end") and len(x) == 168)]
     assert not bad, f"{len(bad)} lines came out mixed, e.g. {bad[0][:100]!r}"
+
+
+def test_report_prints_each_problem_and_gives_the_exit_status(capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    assert dist.report("lab2_x", []) == 0 and capsys.readouterr().out == ""
+    assert dist.report("lab2_x", ["a is wrong", "b too"]) == 1
+    assert capsys.readouterr().out.splitlines() == ["lab2_x: WRONG: a is wrong", "lab2_x: WRONG: b too"]
+    monkeypatch.setenv("RANK", "2")
+    assert dist.report("lab2_x", ["c"]) == 1 and capsys.readouterr().out == ""  # rank 0 speaks for the job
+    assert dist.report("lab2_x", ["c"], every_rank=True) == 1
+    assert capsys.readouterr().out == "lab2_x: WRONG on rank 2: c\n"

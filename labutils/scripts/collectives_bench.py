@@ -128,9 +128,9 @@ def main(argv=None) -> int:
         wrong = sum(r["wrong"] for r in rows)
         if ctx.is_main:
             fits = {f"{g}/{op}": f.as_dict() for (g, op), f in collectives.fit_sweep(rows).items()}
-            for line in verify(ranks, groups, rows, fits, hostid is not None, args.groups):
-                dist.print0(f"collectives_bench: WRONG: {line}")
-                wrong += 1
+            problems = verify(ranks, groups, rows, fits, hostid is not None, args.groups)
+            dist.report("collectives_bench", problems)
+            wrong += len(problems)  # counted with the sweep's wrong results: the job fails on either
             if nccl:
                 dist.print0("NCCL: " + topology.describe(nccl))
             if args.out:

@@ -212,14 +212,13 @@ def main(argv=None) -> int:
                    "model": dataclasses.asdict(p), "args": vars(args), "fingerprint": hardware.fingerprint()}
             results.atomic_write_bytes(args.out, json.dumps(doc, indent=1, default=str).encode())
             dist.print0(f"wrote {args.out}")
-        per_elem = 4 if args.dtype == "float32" else 2
-        problems = verify(rows, [c for c in args.configs if c != "node" or len(nodes) > 1],
-                          {"node": ctx.world // len(nodes), "world": ctx.world}, n_params * per_elem)
-        for line in problems:
-            dist.print0(f"ddp_overhead: WRONG: {line}")
+        per_elem = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
+        status = dist.report("ddp_overhead", verify(rows, [c for c in args.configs if c != "node" or len(nodes) > 1],
+                                                    {"node": ctx.world // len(nodes), "world": ctx.world},
+                                                    n_params * per_elem))
         tdist.barrier()
-        dist.print0("ddp_overhead: OK" if not problems else "ddp_overhead: FAILED")
-        return 1 if problems else 0
+        dist.print0("ddp_overhead: OK" if not status else "ddp_overhead: FAILED")
+        return status
     finally:
         dist.destroy()
 

@@ -194,9 +194,8 @@ def main(argv=None) -> int:
             dist.print0(f"pipelined step differs from the unpipelined model (tolerance {TOL:g}): not timing it")
             return 1
         runs = time_all(args, sz, ctx, pl.make_model(sz["model"], sz["layers"], sz["vocab"], device="meta", dtype=dt))
-        problems = verify(runs, args.schedules, args.microbatches, ctx.world) if ctx.is_main else []
-        for line in problems:
-            dist.print0(f"lab2_pipeline: WRONG: {line}")
+        status = dist.report("lab2_pipeline",
+                             verify(runs, args.schedules, args.microbatches, ctx.world) if ctx.is_main else [])
         if args.out and ctx.is_main:
             from labutils import hardware, results
 
@@ -204,7 +203,7 @@ def main(argv=None) -> int:
                    "fingerprint": hardware.fingerprint()}
             results.atomic_write_bytes(args.out, json.dumps(doc, default=str).encode())
             dist.print0(f"wrote {args.out}")
-        return 1 if problems else 0
+        return status
     finally:
         dist.destroy()
 

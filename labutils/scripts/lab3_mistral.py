@@ -256,11 +256,9 @@ def main(argv=None) -> int:
                    "args": vars(args), "fingerprint": hardware.fingerprint()}
             results.atomic_write_bytes(args.out, json.dumps(doc, indent=1, default=str).encode())
             dist.print0(f"wrote {args.out}")
-        problems = verify(rows, names, per_node)
-        for line in problems:
-            dist.print0(f"lab3_mistral: WRONG: {line}")
-        dist.print0("lab3_mistral: OK" if not problems else "lab3_mistral: FAILED")
-        return 1 if problems else 0
+        status = dist.report("lab3_mistral", verify(rows, names, per_node))
+        dist.print0("lab3_mistral: OK" if not status else "lab3_mistral: FAILED")
+        return status
     finally:
         dist.destroy()
 
