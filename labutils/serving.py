@@ -47,7 +47,8 @@ HOST = "127.0.0.1"
 # A mistral-common that is installed but cannot be imported (missing dependencies) would make every
 # Mistral tokenizer fail to load in the server; hidden, transformers reads tokenizer.json instead. Once the CLI
 # has returned (stopped), the process ends with os._exit: the interpreter's teardown of torch and transformers
-# is seconds of CPU that nobody waits for usefully (launch does the same for ranks, in labutils._agent).
+# is seconds of CPU that nobody waits for usefully (labutils._agent does the same for ranks; not imported
+# here: the server must start without labutils on its path). A sys.exit message still reaches the log.
 _BOOT = ("import ctypes, os, signal, sys, threading, time\n"
          "if sys.argv.pop(1) == 'main-thread':\n"
          "    try:\n        ctypes.CDLL(None).prctl(1, signal.SIGTERM)\n    except Exception:\n        pass\n"
@@ -59,6 +60,7 @@ _BOOT = ("import ctypes, os, signal, sys, threading, time\n"
          "    sys.modules['mistral_common'] = None\n"
          "from transformers.cli.transformers import main\n"
          "try:\n    code = main()\nexcept SystemExit as e:\n    code = e.code\n"
+         "if code is not None and not isinstance(code, int):\n    print(code, file=sys.stderr)\n"
          "sys.stdout.flush()\nsys.stderr.flush()\n"
          "os._exit(code if isinstance(code, int) else (0 if code is None else 1))\n")
 OURS = ("--host", "--port")  # set by Server itself: 127.0.0.1 only, and the port it checks
