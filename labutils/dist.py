@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 
@@ -83,8 +84,26 @@ def init(backend: str | None = None, timeout_s: float = 120.0) -> DistContext:
     return _context()
 
 
+_HELD = [0]  # > 0 inside held(): destroy() leaves the group to the runner
+
+
+@contextmanager
+def held(backend: str | None = None, timeout_s: float = 120.0):
+    """One process group for several scripts' ``main`` run one after the other in one job (one start-up of
+    the ranks, not one per script): inside, their ``destroy()`` leaves the group alone; it goes at the end.
+    Destroying and re-creating it does not work under torchrun with gloo (the second rendezvous of the
+    ranks' connections is refused), so the group has to stay."""
+    ctx = init(backend, timeout_s)
+    _HELD[0] += 1
+    try:
+        yield ctx
+    finally:
+        _HELD[0] -= 1
+        destroy()
+
+
 def destroy() -> None:
-    if dist.is_initialized():
+    if dist.is_initialized() and not _HELD[0]:
         dist.destroy_process_group()
 
 

@@ -129,6 +129,31 @@ def compare(unbroken: dict[int, float], resumed: dict[int, float], rtol: float =
             "rtol": rtol}
 
 
+def nodes_of(tl: Timeline) -> int:
+    """How many nodes the first attempt's ranks reported in their READY lines."""
+    return len({r["node"] for r in tl.attempts[0].ready.values()}) if tl.attempts else 0
+
+
+def require_same_run(runs: dict[str, Timeline], base: str, nodes: dict[str, int] | None = None) -> None:
+    """Raise unless every run (name -> Timeline of train.py's output) finished with a DONE line, logged every
+    step of ``runs[base]`` with bit-identical losses, and ran on ``nodes[name]`` nodes where that is given.
+    The same script with the same seed, data and world size must train the same under every orchestrator."""
+    ref, bad = runs[base].losses(), []
+    for name, tl in runs.items():
+        if tl.final_loss is None:
+            bad.append(f"{name}: no DONE line with a loss (the run did not finish: read its output)")
+            continue
+        if nodes and name in nodes and nodes_of(tl) != nodes[name]:
+            bad.append(f"{name}: ranks on {nodes_of(tl)} node(s), expected {nodes[name]}")
+        if set(tl.losses()) != set(ref):
+            bad.append(f"{name}: logged steps {sorted(tl.losses())}, {base} logged {sorted(ref)}: same --steps?")
+        elif not (c := compare(ref, tl.losses()))["bit_identical"]:
+            bad.append(f"{name}: losses differ from {base}'s by up to {c['max_rel_diff']:.1e} (relative)")
+    if bad:
+        raise RuntimeError("; ".join(bad) + f". Every run must repeat {base}'s losses bit for bit (same seed, "
+                           "data and world size; gloo and deterministic algorithms).")
+
+
 class KillAt:
     """``on_line`` callback: SIGKILL rank ``rank``'s worker once rank 0 has finished step ``step``."""
 

@@ -25,6 +25,22 @@ def test_init_world_of_one_without_torchrun(world_of_one):
     assert dist.init() == ctx  # a second call (a re-run cell) joins the same group
 
 
+def test_held_keeps_one_group_for_several_scripts_mains(monkeypatch):
+    """lab2_training runs lab2_pipeline.main, then lab2_data.main: each one's destroy() must leave the group
+    (re-creating it under torchrun with gloo is refused), and the group goes when held() ends, even on error."""
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SMML_DIST_BACKEND"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(RuntimeError, match="second script failed"):
+        with dist.held(timeout_s=30) as ctx:
+            group = torch.distributed.group.WORLD
+            for _ in range(2):  # what each script's main does
+                assert dist.init() == ctx
+                dist.destroy()
+                assert torch.distributed.is_initialized() and torch.distributed.group.WORLD is group
+            raise RuntimeError("second script failed")
+    assert not torch.distributed.is_initialized()
+
+
 def test_nccl_without_a_gpu_for_the_rank_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(ValueError, match="LOCAL_RANK 3 has no GPU.*--nproc-per-node 2"):

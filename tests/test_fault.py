@@ -102,6 +102,22 @@ def test_compare_reports_the_largest_difference():
         fault.compare({1: 1.0}, {2: 1.0})
 
 
+def test_require_same_run_names_the_run_that_differs():
+    base = fault.timeline(OUTPUT)
+    two_nodes = fault.timeline(OUTPUT.replace("node=0 local_rank=1", "node=1 local_rank=0"))
+    fault.require_same_run({"a": base, "b": two_nodes}, "a", nodes={"b": 2})  # the same losses: no error
+    with pytest.raises(RuntimeError, match=r"b: ranks on 1 node\(s\), expected 2"):
+        fault.require_same_run({"a": base, "b": base}, "a", nodes={"b": 2})
+    off = fault.timeline(OUTPUT.replace("loss=7.25 ", "loss=7.2500001 "))
+    with pytest.raises(RuntimeError, match=r"off: losses differ from a's by up to 1\.4e-08"):
+        fault.require_same_run({"a": base, "off": off}, "a")
+    with pytest.raises(RuntimeError, match="unfinished: no DONE line"):
+        fault.require_same_run({"a": base, "unfinished": fault.timeline(OUTPUT.split("DONE")[0])}, "a")
+    with pytest.raises(RuntimeError, match=r"short: logged steps \[1, 2\], a logged \[1, 2, 3\]"):
+        short = fault.timeline(OUTPUT.replace("step 3/3 loss=7.125 attempt=1 dt=0.100 t=113.000\n", ""))
+        fault.require_same_run({"a": base, "short": short}, "a")
+
+
 def test_kill_at_signals_the_rank_once_on_the_first_attempt(monkeypatch):
     sent = []
     monkeypatch.setattr(fault.os, "kill", lambda pid, sig: sent.append((pid, sig)))

@@ -173,17 +173,18 @@ def test_make_prompts_are_distinct_and_sized():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux-only")
-def test_a_killed_parent_takes_its_server_with_it(model_dir):
-    """A notebook kernel killed with SIGKILL runs no atexit: the server must still go."""
+def test_a_killed_parent_takes_its_server_with_it(fake_cli):
+    """A notebook kernel killed with SIGKILL runs no atexit: the server must still go. (The stand-in CLI: what
+    stops the server is the boot script's parent-death signal and lifeline, the same for the real one.)"""
     script = textwrap.dedent(f"""
         import os, signal
         from labutils import serving
-        srv = serving.Server({str(model_dir)!r}, device="cpu", startup_timeout=600).start()
+        srv = serving.Server({str(fake_cli)!r}, device="cpu", startup_timeout=600).start()
         print(srv.pid, srv.port, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900,
-                         cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+                         cwd=REPO, env=os.environ.copy())  # fake_cli put the stand-in first on PYTHONPATH
     assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
     pid, port = map(int, out.stdout.split())
     assert _gone(pid, wait_s=20) and not serving.port_in_use(port)

@@ -1,13 +1,14 @@
 """A real two-node Slurm on this host (launch/slurm/local_cluster.py) runs the lab's own sbatch file.
 
+The successful job is lab3's own (§Orchestrators, under nbval in make test): it trains on both nodes and must
+repeat torchrun's losses bit for bit (fault.require_same_run), so it is not run a second time here.
+
 Skipped, with the reason, where Slurm is not installed or we are not root (.ci/run installs it).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
-import math
 import re
 import sys
 from pathlib import Path
@@ -49,20 +50,6 @@ def _has(environ: Path, needle: bytes) -> bool:
 def test_both_nodes_idle(cluster):
     info = cluster.sinfo()
     assert "node1 idle" in info and "node2 idle" in info, info
-
-
-def test_lab_sbatch_trains_on_two_nodes(cluster):
-    out = cluster.scratch / "jobs" / "train.json"
-    # one rank per node, as lab3 runs it: two ranks per node would add two more processes and test the same srun
-    job = cluster.submit(REPO / "launch/slurm/train.sbatch", "--steps", "3", "--out", str(out),
-                         env=ENV | {"NPROC_PER_NODE": "1", "RDZV_PORT": str(launch.free_port())})
-    r = cluster.wait(job, timeout=900)
-    assert r.state == "COMPLETED", f"job {job} {r.state} ({r.exit_code}):\n{r.output[-3000:]}"
-    assert "world 2 ranks on 2 node(s); all_reduce sum 3 (expected 3): ok" in r.output
-    rec = json.loads(out.read_text())
-    assert rec["world"] == 2 and rec["nodes"] == 2 and rec["allreduce_ok"]
-    assert sorted((x["node"], x["local_rank"]) for x in rec["layout"]) == [(0, 0), (1, 0)]
-    assert math.isfinite(rec["final_loss"]) and f"final_loss={rec['final_loss']!r}" in r.output
 
 
 def test_a_lost_rank_fails_the_job(cluster):

@@ -52,7 +52,6 @@ T_START = time.time()
 
 import torch  # noqa: E402 - T_START measures the imports too
 import torch.distributed as tdist  # noqa: E402
-from transformers import MistralForCausalLM  # noqa: E402 - imported here so READY's import_s counts it
 
 from labutils import checkpoint, dist, models, profile, results  # noqa: E402
 
@@ -104,6 +103,8 @@ def attempt() -> int:
 
 def build(args, ctx):
     """The model (same seeded init on every rank) wrapped for DDP or FSDP2, and its AdamW."""
+    from transformers import MistralForCausalLM  # imported in main() already, before READY
+
     cfg = models.preset(args.model).config()
     cfg.vocab_size, cfg.num_hidden_layers = args.vocab, args.layers
     torch.manual_seed(args.seed)
@@ -231,6 +232,7 @@ def main(argv=None) -> int:
     if args.exit_before_init is not None and int(os.environ.get("RANK", 0)) == args.exit_before_init:
         dist.say(f"rank {args.exit_before_init}: --exit-before-init, exiting with code 4")
         return 4
+    import transformers.models.mistral.modeling_mistral  # noqa: F401 - here, so that READY's import_s counts it
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (before CUDA starts)
     torch.use_deterministic_algorithms(True, warn_only=True)  # so that a resumed run can match bit for bit
     ctx = dist.init(timeout_s=args.timeout)
