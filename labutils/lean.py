@@ -97,6 +97,7 @@ class _Block(nn.Module):
         self.ffn_norm = nn.Parameter(torch.ones(c.dim))
         self.register_buffer("k_cache", None, persistent=False)
         self.register_buffer("v_cache", None, persistent=False)
+        self.register_buffer("attn_locks", None, persistent=False)  # the attention kernel's counters
 
     def attention(self, x, cos, sin, mask, pos, attn, rope):
         """Attention of the block's (un-normed) input ``x`` -> its output before ``wo``; ``cos``, ``sin`` at
@@ -104,7 +105,8 @@ class _Block(nn.Module):
         (B, T, _), H, KV, hd = x.shape, self.c.n_heads, self.c.n_kv_heads, self.c.head_dim
         qkv = apply(self.wqkv, x, self.attn_norm, self.c.eps)
         if attn == "triton" and T == 1 and _triton.available(qkv):  # RoPE, cache write, attention: 1 kernel
-            return decode_attn.attend(qkv.view(B, -1), *rope, pos, self.k_cache, self.v_cache).view(B, 1, -1)
+            return decode_attn.attend(qkv.view(B, -1), *rope, pos, self.k_cache, self.v_cache,
+                                      self.attn_locks).view(B, 1, -1)
         q, k, v = qkv.split([H * hd, KV * hd, KV * hd], dim=-1)
         q = ops.rope(q.view(B, T, H, hd).transpose(1, 2), cos, sin)
         self.k_cache.index_copy_(2, pos, ops.rope(k.view(B, T, KV, hd).transpose(1, 2), cos, sin))
@@ -146,6 +148,7 @@ class LeanMistral(nn.Module):
         for b in self.layers:
             b.k_cache = torch.zeros(batch, c.n_kv_heads, max_len, c.head_dim, device=dev, dtype=dt)
             b.v_cache = torch.zeros_like(b.k_cache)
+            b.attn_locks = decode_attn.locks_for(b.k_cache)
         inv = 1.0 / c.theta ** (torch.arange(0, c.head_dim, 2, device=dev).float() / c.head_dim)
         f = torch.outer(torch.arange(max_len, device=dev).float(), inv)
         self.cos, self.sin = torch.cat((f, f), -1).cos().to(dt), torch.cat((f, f), -1).sin().to(dt)

@@ -29,11 +29,14 @@ def problem(n, k, m=1, int8=True, seed=0):
 
 
 @pytest.mark.parametrize("int8", [True, False])
-@pytest.mark.parametrize("bits,acc2d", [(True, False), (False, False), (True, True)])
+@pytest.mark.parametrize("bits,acc2d,prefetch", [(True, False, False), (False, False, False), (True, True, False),
+                                                 (True, False, True), (False, True, True)])
 @pytest.mark.parametrize("n,k,bn,bk,m", [(64, 256, 4, 128, 1), (70, 200, 8, 64, 2), (32, 512, 16, 512, 1)])
-def test_kernel_matches_float64(int8, bits, acc2d, n, k, bn, bk, m):
+def test_kernel_matches_float64(int8, bits, acc2d, prefetch, n, k, bn, bk, m):
+    # prefetch: each tile loaded one step ahead (200 = 3 x 64 + 8: the last tile partial, the next one masked off)
     x, w, s, ref = problem(n, k, m, int8)
-    err = gemv_tune.rel_err_of(gemv.Config(bn, bk, 4, 1, bits, acc2d), x, w, s, ref)  # output poisoned with NaN first
+    cfg = gemv.Config(bn, bk, 4, 1, bits, acc2d, prefetch=prefetch)
+    err = gemv_tune.rel_err_of(cfg, x, w, s, ref)  # output poisoned with NaN first
     assert err < TOL16  # NaN (an element not written) fails too
 
 
@@ -57,13 +60,13 @@ def test_gpu_only_options_are_refused_here(opt):
 
 
 @pytest.mark.parametrize("fused", [None, "norm", "residual", "norm+glu"])
-@pytest.mark.parametrize("acc2d", [False, True])
-def test_the_tuners_problem_and_check(fused, acc2d):
+@pytest.mark.parametrize("acc2d,prefetch", [(False, False), (True, False), (False, True)])
+def test_the_tuners_problem_and_check(fused, acc2d, prefetch):
     # what gemv_tune.tune checks every candidate config against before timing it (tune itself needs a GPU)
     x, w, s, kw, ref = gemv_tune._problem(48, 256, torch.int8, torch.bfloat16, torch.device("cpu"), fused)
     assert set(kw) == {None: set(), "norm": {"norm", "eps"}, "residual": {"residual"},
                        "norm+glu": {"norm", "eps", "glu"}}[fused]
-    cfg = gemv.Config(8, 128, 4, 1, True, acc2d)
+    cfg = gemv.Config(8, 128, 4, 1, True, acc2d, prefetch=prefetch)
     assert gemv_tune.rel_err_of(cfg, x, w, s, ref, **kw) < TOL16
     if kw and "glu" not in kw:  # the same launch without the fused part computes something else
         assert gemv_tune.rel_err_of(cfg, x, w, s, ref) > 0.05
@@ -111,8 +114,10 @@ def test_compiled_step_calls_the_ops(kernel_on_cpu):
     assert timing.rel_err(compiled, eager) < 1e-6 and timing.rel_err(q.layers[1].k_cache, k_eager) < 1e-6
 
 
-@pytest.mark.parametrize("pos,block_s", [(0, 16), (5, 16), (70, 16), (70, 64)])
-def test_decode_attention_kernel_matches_reference(kernel_on_cpu, pos, block_s):
+@pytest.mark.parametrize("pos,block_s,split", [(0, 16, 1), (5, 16, 1), (70, 16, 1), (70, 64, 1), (0, 16, 4),
+                                               (5, 16, 4), (70, 16, 2), (70, 16, 8), (40, 64, 4)])
+def test_decode_attention_kernel_matches_reference(kernel_on_cpu, pos, block_s, split):
+    # split > 1: each head's slots in `split` programs (some with none at small pos), combined by the last one
 
     # float16, not bfloat16: Triton's interpreter (numpy) gets tl.dot on bfloat16 wrong; the GPU does not
     B, H, KV, hd, S, dt = 2, 8, 2, 32, 96, torch.float16
@@ -125,8 +130,10 @@ def test_decode_attention_kernel_matches_reference(kernel_on_cpu, pos, block_s):
     kc2, vc2 = kc.clone(), vc.clone()
     p = torch.tensor([pos])
     want = decode_attn.reference(qkv, cos, sin, p, kc2, vc2)
-    got = decode_attn._attn_op(qkv, cos, sin, p, kc, vc, block_s)  # the kernel (the op's CPU call)
+    locks = decode_attn.locks_for(kc)
+    got = decode_attn._attn_op(qkv, cos, sin, p, kc, vc, locks, block_s, split)  # the kernel (the op's CPU call)
     assert timing.rel_err(got, want) < 1e-2
+    assert not locks.any()  # the counters are left at zero for the next call
     assert timing.rel_err(kc[:, :, pos], kc2[:, :, pos]) < 1e-2 and torch.equal(vc, vc2)  # cache written at pos
     assert torch.equal(kc[:, :, pos + 1:], kc2[:, :, pos + 1:])  # and nowhere else
 
