@@ -14,9 +14,13 @@ program per (sequence, KV head) does all of it:
    query rows padded to 16); the new token itself is counted from registers, so nothing reads a slot
    this program has just written.
 
-Only ``pos + 1`` slots are read, not the whole preallocated cache. Long contexts would want the cache
-split across several programs per head (flash-decoding) -- lab4's exercise 7; at a few hundred tokens
-one program per head is enough.
+Only ``pos + 1`` slots are read, not the whole preallocated cache. ``split`` > 1 spreads each head's slots
+over that many programs (flash-decoding): each writes its running max, sum and weighted values, counts
+itself in with one atomic, and the last of the head's programs to finish combines them (and resets the
+count). On the H200 that only pays past a few hundred tokens -- a 32-layer sweep (``sweep``) timed
+8.1 µs per call at position 383 with one program per head and 7.1 with 4, but 4.2 against 5.4 at
+position 128, where the combine's extra round trip costs more than the shorter walk saves -- so the
+default (``SPLIT``) is 1 at the lab's lengths; lab4's exercise 7 asks where the crossover lies.
 
 Without Triton or a GPU, ``attend`` is the same maths in torch (``reference``). Tested against it on the
 CPU through Triton's interpreter (tests/gemv_interpreted.py). Used in lab4 §Rung d′ and §Rung e.
@@ -139,7 +143,7 @@ def reference(qkv, cos, sin, pos, k_cache, v_cache) -> torch.Tensor:
 
 #: Programs per (sequence, KV head) at batch 1 (flash-decoding); a power of two. Chosen on the H200 by ``sweep``
 #: (results/h200/NOTES.md); ``split_for`` lowers it where the heads alone fill the GPU.
-SPLIT = 8
+SPLIT = 1
 
 
 def split_for(heads: int, sms: int | None, split: int = SPLIT) -> int:
@@ -158,7 +162,7 @@ def locks_for(k_cache: torch.Tensor) -> torch.Tensor:
     return torch.zeros(k_cache.shape[0] * k_cache.shape[1], dtype=torch.int32, device=k_cache.device)
 
 
-def attend(qkv, cos, sin, pos, k_cache, v_cache, locks=None, block_s: int = 128, split: int | None = None):
+def attend(qkv, cos, sin, pos, k_cache, v_cache, locks=None, block_s: int = 64, split: int | None = None):
     """Attention of one new token per sequence: ``qkv`` (B, (H + 2 KV) * hd), the q/k/v projection's output;
     ``cos``, ``sin``: the RoPE tables (S, hd), read at row ``pos`` (a one-element tensor) inside the kernel
     (indexing them in torch cost a gather kernel per layer); caches (B, KV, S, hd), written at ``pos``;

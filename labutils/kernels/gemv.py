@@ -65,7 +65,6 @@ class Config:
     acc2d: bool = False  # sum a (block_n, block_k) tile per step, reduce once at the end (not every step)
     prmt: bool = False  # int8, GPU only: 4 weights per 32-bit load, each made a float by one byte permute
     pdl: bool = False  # sm_90+: start while the kernel before is still running (programmatic dependent launch)
-    prefetch: bool = False  # load the next weight tile before multiplying this one; the first before the PDL wait
 
 
 DEFAULT = Config()
@@ -101,24 +100,13 @@ if triton is not None:
     def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, eps, HAS_SCALE: tl.constexpr,
                      RMS: tl.constexpr, RES: tl.constexpr, GLU: tl.constexpr, BITS: tl.constexpr,
                      ACC2D: tl.constexpr, PRMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     EVEN: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
+                     EVEN: tl.constexpr, PDL: tl.constexpr):
         # N: output width; with GLU the weight has 2N rows (gate, then up) and y = silu(gate) * up
         m = tl.program_id(1)  # one row of x per grid column (batch 1: one)
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         w_ptrs = w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :]
         up = N.to(tl.int64) * K  # offset of the up rows (GLU)
-        if PRMT:  # int8 and EVEN only (checked by _launch): w_ptr read as int32, 4 weights a word
-            r4 = tl.arange(0, BLOCK_K // 4)
-            w4_ptrs = w_ptr.to(tl.pointer_type(tl.int32)) + rn[:, None].to(tl.int64) * (K // 4) + r4[None, :]
-        if PREFETCH:  # the first tile now: weights are never written by the kernel before, so no need to wait
-            if PRMT:
-                v_next = tl.load(w4_ptrs, eviction_policy="evict_first")
-                vu_next = tl.load(w4_ptrs + up // 4, eviction_policy="evict_first") if GLU else v_next
-            else:
-                wm0 = (rn[:, None] < N) & (rk[None, :] < K)
-                w_next = tl.load(w_ptrs, mask=wm0, other=0, eviction_policy="evict_first")
-                wu_next = tl.load(w_ptrs + up, mask=wm0, other=0, eviction_policy="evict_first") if GLU else w_next
         _triton.pdl_wait(PDL)
         if ACC2D:
             acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -131,19 +119,13 @@ if triton is not None:
         sx4 = tl.zeros((BLOCK_K // 4,), dtype=tl.float32)  # PRMT: running sum of x (the rows' correction)
         acc4 = tl.zeros((BLOCK_N, BLOCK_K // 4), dtype=tl.float32)  # PRMT: 2-D sums, reduced once at the end
         acc4u = tl.zeros((BLOCK_N, BLOCK_K // 4), dtype=tl.float32)
-        if PRMT:
+        if PRMT:  # int8 and EVEN only (checked by _launch): w_ptr read as int32, 4 weights a word
+            r4 = tl.arange(0, BLOCK_K // 4)
+            w4_ptrs = w_ptr.to(tl.pointer_type(tl.int32)) + rn[:, None].to(tl.int64) * (K // 4) + r4[None, :]
             for k0 in range(0, K, BLOCK_K):
-                if PREFETCH:  # this tile was loaded last step; ask for the next one (none after the last) now
-                    more = k0 + BLOCK_K < K
-                    v, vu = v_next ^ -2139062144, vu_next ^ -2139062144
-                    v_next = tl.load(w4_ptrs + BLOCK_K // 4, mask=more, other=0, eviction_policy="evict_first")
-                    if GLU:
-                        vu_next = tl.load(w4_ptrs + BLOCK_K // 4 + up // 4, mask=more, other=0,
-                                          eviction_policy="evict_first")
-                else:
-                    v = tl.load(w4_ptrs, eviction_policy="evict_first") ^ -2139062144  # 0x80808080: each byte + 128
-                    if GLU:
-                        vu = tl.load(w4_ptrs + up // 4, eviction_policy="evict_first") ^ -2139062144
+                v = tl.load(w4_ptrs, eviction_policy="evict_first") ^ -2139062144  # 0x80808080: each byte + 128
+                if GLU:
+                    vu = tl.load(w4_ptrs + up // 4, eviction_policy="evict_first") ^ -2139062144
                 for j in tl.static_range(4):  # byte j of word i is column 4 i + j
                     xj = tl.load(x_ptr + m * K + k0 + 4 * r4 + j).to(tl.float32)
                     if RMS:
@@ -154,43 +136,36 @@ if triton is not None:
                     if GLU:
                         acc4u += _byte_as_unit(vu, j) * xj[None, :]
                 w4_ptrs += BLOCK_K // 4
-        if not PRMT:  # the general path: any dtype, any shape
-            for k0 in range(0, K, BLOCK_K):
-                km = rk < K - k0
-                wm = (rn[:, None] < N) & km[None, :]
+        for k0 in range(0, K if not PRMT else 0, BLOCK_K):
+            km = rk < K - k0
+            wm = (rn[:, None] < N) & km[None, :]
+            if EVEN:
+                x = tl.load(x_ptr + m * K + k0 + rk).to(tl.float32)
+            else:
+                x = tl.load(x_ptr + m * K + k0 + rk, mask=km, other=0).to(tl.float32)
+            if RMS:
+                ss += x * x
+                x = x * tl.load(g_ptr + k0 + rk, mask=km, other=0).to(tl.float32)
+            if EVEN:
+                w = tl.load(w_ptrs, eviction_policy="evict_first")
+            else:
+                w = tl.load(w_ptrs, mask=wm, other=0, eviction_policy="evict_first")
+            p = _as_float(w, HAS_SCALE, BITS) * x[None, :]
+            if ACC2D:
+                acc += p
+            else:
+                acc += tl.sum(p, axis=1)
+            if GLU:
                 if EVEN:
-                    x = tl.load(x_ptr + m * K + k0 + rk).to(tl.float32)
+                    wu = tl.load(w_ptrs + up, eviction_policy="evict_first")
                 else:
-                    x = tl.load(x_ptr + m * K + k0 + rk, mask=km, other=0).to(tl.float32)
-                if RMS:
-                    ss += x * x
-                    x = x * tl.load(g_ptr + k0 + rk, mask=km, other=0).to(tl.float32)
-                if PREFETCH:  # this tile was loaded last step; ask for the next one now (masked past the end)
-                    w, wu = w_next, wu_next
-                    wm_next = (rn[:, None] < N) & (rk[None, :] < K - k0 - BLOCK_K)
-                    w_next = tl.load(w_ptrs + BLOCK_K, mask=wm_next, other=0, eviction_policy="evict_first")
-                    if GLU:
-                        wu_next = tl.load(w_ptrs + BLOCK_K + up, mask=wm_next, other=0, eviction_policy="evict_first")
-                elif EVEN:
-                    w = tl.load(w_ptrs, eviction_policy="evict_first")
-                else:
-                    w = tl.load(w_ptrs, mask=wm, other=0, eviction_policy="evict_first")
-                p = _as_float(w, HAS_SCALE, BITS) * x[None, :]
+                    wu = tl.load(w_ptrs + up, mask=wm, other=0, eviction_policy="evict_first")
+                pu = _as_float(wu, HAS_SCALE, BITS) * x[None, :]
                 if ACC2D:
-                    acc += p
+                    acc_u += pu
                 else:
-                    acc += tl.sum(p, axis=1)
-                if GLU:
-                    if EVEN and not PREFETCH:  # (with PREFETCH, wu came with w above)
-                        wu = tl.load(w_ptrs + up, eviction_policy="evict_first")
-                    elif not PREFETCH:
-                        wu = tl.load(w_ptrs + up, mask=wm, other=0, eviction_policy="evict_first")
-                    pu = _as_float(wu, HAS_SCALE, BITS) * x[None, :]
-                    if ACC2D:
-                        acc_u += pu
-                    else:
-                        acc_u += tl.sum(pu, axis=1)
-                w_ptrs += BLOCK_K
+                    acc_u += tl.sum(pu, axis=1)
+            w_ptrs += BLOCK_K
         _triton.pdl_launch_next(PDL)
         if ACC2D:
             a = tl.sum(acc, axis=1)
@@ -232,8 +207,8 @@ if triton is not None:
                            y if residual is None else residual, y, N, K, eps, HAS_SCALE=scale is not None,
                            RMS=norm is not None, RES=residual is not None, GLU=glu, BITS=cfg.bits,
                            ACC2D=cfg.acc2d, PRMT=cfg.prmt, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN=even,
-                           PDL=cfg.pdl, PREFETCH=cfg.prefetch, num_warps=cfg.warps, num_stages=cfg.stages,
-                           launch_pdl=cfg.pdl, enable_fp_fusion=True)  # FFMA multiply-adds (Triton 3.10 turns it off)
+                           PDL=cfg.pdl, num_warps=cfg.warps, num_stages=cfg.stages, launch_pdl=cfg.pdl,
+                           enable_fp_fusion=True)  # multiply-adds as FFMA (said here: Triton 3.10 turns it off)
         return y
 
     # An opaque custom op: torch.compile calls it as it is (in its CUDA graph) and fuses nothing into it.
@@ -244,9 +219,9 @@ if triton is not None:
     def _gemv_op(x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tensor],  # noqa: UP045
                  norm: Optional[torch.Tensor], eps: float, residual: Optional[torch.Tensor],  # noqa: UP045
                  glu: bool, block_n: int, block_k: int, warps: int, stages: int, bits: bool,
-                 acc2d: bool, prmt: bool, pdl: bool, prefetch: bool) -> torch.Tensor:
+                 acc2d: bool, prmt: bool, pdl: bool) -> torch.Tensor:
         y = x.new_empty((x.shape[0], w.shape[0] // 2 if glu else w.shape[0]))
-        cfg = Config(block_n, block_k, warps, stages, bits, acc2d, prmt, pdl, prefetch)
+        cfg = Config(block_n, block_k, warps, stages, bits, acc2d, prmt, pdl)
         return _launch(x, w, scale, y, cfg, norm, eps, residual, glu)
 
     @_gemv_op.register_fake
@@ -261,8 +236,8 @@ def core_loop() -> str:
     import textwrap
 
     src = inspect.getsource(inspect.getmodule(core_loop))
-    start = src.index("            for k0 in range(0, K, BLOCK_K):\n                km")
-    end = src.index("                w_ptrs += BLOCK_K\n", start) + len("                w_ptrs += BLOCK_K\n")
+    start = src.index("        for k0 in range(0, K if not PRMT")
+    end = src.index("            w_ptrs += BLOCK_K\n", start) + len("            w_ptrs += BLOCK_K\n")
     return textwrap.dedent(src[start:end])
 
 

@@ -107,10 +107,8 @@ def tune(n: int, k: int, wdtype=torch.int8, xdtype=torch.bfloat16, device=None, 
     for cfg in configs:
         run(cfg)
     best = [r["config"] for r in sorted((r for r in rows if "us" in r), key=lambda r: r["us"])[:variants_of]]
-    pdl = _triton.pdl_ok(x)
-    for cfg in best:  # PDL changes a kernel's start and end, not its loop; prefetch changes both
-        for variant in ({"pdl": True}, {"pdl": True, "prefetch": True}) if pdl else ({"prefetch": True},):
-            run(replace(cfg, **variant))
+    for cfg in best if _triton.pdl_ok(x) else ():  # PDL changes a kernel's start and end, not its loop
+        run(replace(cfg, pdl=True))
     ok = sorted((r for r in rows if "us" in r), key=lambda r: r["us"])
     if not ok:
         raise RuntimeError(f"no gemv config ran for {n}x{k}: {rows[0].get('error')}")

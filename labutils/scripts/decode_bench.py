@@ -12,9 +12,8 @@ whose kernel is a library's: ``e:reduce:int8pack`` (PyTorch's ``torch._weight_in
 ``e:reduce:torchao`` (torchao's ``quantize_`` with ``Int8WeightOnlyConfig``; if torchao cannot be imported the
 rung records why and runs ``e:reduce:dequant``, the same maths in plain torch). Every rung's label names
 what ran: "compiled" or "eager", and "plain torch" where a Triton kernel was asked for but cannot run.
-Further fields, for A/B runs: ``nopdl`` runs the rung with
-no kernel launched by programmatic dependent launch (``e:triton:triton:nopdl``); ``split1`` gives the attention
-kernel one program per head instead of ``decode_attn.SPLIT`` (``d:triton:triton:split1``).
+A fourth field ``nopdl`` runs the rung with
+no kernel launched by programmatic dependent launch (``e:triton:triton:nopdl``, for an A/B of PDL).
 Layers run by the Triton kernel are tuned per weight shape first (printed; the time is reported apart).
 ``--profile`` lists rungs to profile kernel by kernel after timing them. Prints one table (tok/s,
 MBU, ms/token p50/p99, warm-up, first use = compile) and writes everything as JSON.
@@ -41,7 +40,7 @@ import torch
 
 from labutils import decode, hardware, lean, models, plots, quant, results, roofline, timing
 from labutils import profile as _profile
-from labutils.kernels import _triton, decode_attn, gemv_tune
+from labutils.kernels import _triton, gemv_tune
 
 RUNGS = ("a", "b", "c", "d", "e", "d0")
 NAMES = {"a": "a: HF generate, dynamic cache", "b": "b: HF generate, static cache", "c": "c: HF forward, own loop",
@@ -172,14 +171,13 @@ def run_rung(r, rec, hf, prompt, forced, ref, max_len, N, args, comp, bw, peak, 
         chk = decode.check(st, prompt, forced, ref, tol16)
         gen, cost = functools.partial(decode.loop_generate, st), cost16
     else:
-        if not set(var[2:]) <= {"nopdl", "split1"}:
-            raise ValueError(f"rung {r}: the fields after the kernel may only be 'nopdl' and 'split1'")
-        pdl, _triton.PDL = _triton.PDL, "nopdl" not in var[2:]
-        split, decode_attn.SPLIT = decode_attn.SPLIT, 1 if "split1" in var[2:] else decode_attn.SPLIT
+        if var[2:] not in ([], ["nopdl"]):
+            raise ValueError(f"rung {r}: the fourth field may only be 'nopdl'")
+        pdl, _triton.PDL = _triton.PDL, var[2:] != ["nopdl"]
         try:
             return run_lean(r, kind, var, rec, hf, prompt, forced, ref, max_len, N, args, comp, bw, peak, shared)
         finally:
-            _triton.PDL, decode_attn.SPLIT = pdl, split
+            _triton.PDL = pdl
     name = NAMES[kind] + (", compiled" if kind == "c" and comp else ", eager")
     run = decode.measure(name, gen, prompt, n, cost, bw, peak, reps=args.reps, warmup=warm)
     record(r, rec, run, chk, cost)
