@@ -112,7 +112,7 @@ def test_compiled_step_calls_the_ops(kernel_on_cpu):
 
 
 @pytest.mark.parametrize("pos,block_s,split", [(0, 16, 1), (5, 16, 1), (70, 16, 1), (70, 64, 1), (0, 16, 4),
-                                               (5, 16, 4), (70, 16, 2), (70, 16, 8), (40, 64, 4)])
+                                               (5, 16, 4), (70, 16, 2), (70, 16, 3), (70, 16, 8), (40, 64, 4)])
 def test_decode_attention_kernel_matches_reference(kernel_on_cpu, pos, block_s, split):
     # split > 1: each head's slots in `split` programs (some with none at small pos), combined by the last one
 

@@ -104,3 +104,15 @@ def test_decode_attention_kernel_compiles_for_hopper(split):
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "launch_pdl": True}).asm["ptx"]
     assert ("atom.global.gpu.acq_rel.add" in ptx) == (split > 1)
     assert ("ld.global.cg" in ptx) == (split > 1)
+
+
+def test_attention_split_is_lowered_when_the_heads_fill_the_gpu():
+    from labutils.kernels import decode_attn
+
+    assert decode_attn.split_for(8, 132, 8) == 8  # batch 1, 8 KV heads: 64 programs on 132 SMs
+    assert decode_attn.split_for(64 * 8, 132, 8) == 1  # batch 64: the heads alone are 512 programs
+    assert decode_attn.split_for(64, 132, 16) == 4  # halved until at most 2 programs per SM (256 <= 264)
+    assert decode_attn.split_for(64, None, 16) == 16  # the interpreter: as asked
+    assert decode_attn.split_for(8, 132, 3) == 3  # the combine counts arrivals: any count works
+    with pytest.raises(ValueError, match="programs per head"):
+        decode_attn.split_for(8, 132, 0)

@@ -141,7 +141,7 @@ def reference(qkv, cos, sin, pos, k_cache, v_cache) -> torch.Tensor:
     return (torch.softmax(s, -1) @ v_cache[:, :, :n].float()).to(qkv.dtype).reshape(B, H * hd)
 
 
-#: Programs per (sequence, KV head) at batch 1 (flash-decoding); a power of two. Chosen on the H200 by ``sweep``
+#: Programs per (sequence, KV head) at batch 1 (flash-decoding). Chosen on the H200 by ``sweep``
 #: (results/h200/NOTES.md); ``split_for`` lowers it where the heads alone fill the GPU.
 SPLIT = 1
 
@@ -150,8 +150,8 @@ def split_for(heads: int, sms: int | None, split: int = SPLIT) -> int:
     """How many programs to give each of ``heads`` (sequence, KV head) pairs on a GPU of ``sms`` SMs: ``split``,
     halved until the grid is at most 2 programs per SM (a batch of many sequences fills the GPU by itself);
     ``sms`` None (Triton's interpreter on a CPU): ``split`` as it is."""
-    if split < 1 or split & (split - 1):
-        raise ValueError(f"split must be a power of two (1, 2, 4, ...), not {split}")
+    if not isinstance(split, int) or split < 1:
+        raise ValueError(f"split is a number of programs per head (1, 2, 4, ...), not {split!r}")
     while sms is not None and split > 1 and heads * split > 2 * sms:
         split //= 2
     return split
