@@ -36,6 +36,16 @@ def server(model_dir):
     assert not srv.running and _gone(srv.pid)
 
 
+def _accepts(port: int) -> bool:
+    """Something accepts connections on 127.0.0.1:``port``. (Not ``serving.port_in_use``, which asks whether the
+    port can be bound: any process's outgoing loopback connection that drew it as its local port says "in use".)"""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        return True
+    except OSError:
+        return False
+
+
 def _gone(pid: int, wait_s: float = 10.0) -> bool:
     """True once ``pid`` no longer exists (or is a zombie nobody reaps)."""
     deadline = time.monotonic() + wait_s
@@ -117,7 +127,7 @@ def test_a_server_that_fails_to_start_reports_its_log_and_leaves_nothing(tmp_pat
     with pytest.raises(RuntimeError, match=r"exited with code .*Last lines of") as err:
         srv.start()
     assert srv.log_tail(5) in str(err.value) and "not a valid JSON file" in str(err.value)  # the cause
-    assert not srv.running and _gone(srv.pid) and not serving.port_in_use(srv.port)
+    assert not srv.running and _gone(srv.pid) and not _accepts(srv.port)
     srv.stop()
     srv.stop()  # idempotent
     assert str(srv.log_path) in str(err.value) and srv.log_path.exists()  # a failure keeps its log
@@ -128,7 +138,7 @@ def test_a_startup_timeout_kills_the_server(model_dir):
     srv = serving.Server(model_dir, device="cpu", startup_timeout=0.5)
     with pytest.raises(RuntimeError, match=r"did not answer /health within"):
         srv.start()
-    assert _gone(srv.pid) and not serving.port_in_use(srv.port)
+    assert _gone(srv.pid) and not _accepts(srv.port)
     srv.stop()
     srv.log_path.unlink()  # kept, as after every failure
 
@@ -187,7 +197,7 @@ def test_a_killed_parent_takes_its_server_with_it(fake_cli):
                          cwd=REPO, env=os.environ.copy())  # fake_cli put the stand-in first on PYTHONPATH
     assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
     pid, port = map(int, out.stdout.split())
-    assert _gone(pid, wait_s=20) and not serving.port_in_use(port)
+    assert _gone(pid, wait_s=20) and not _accepts(port)
 
 
 def test_an_unimportable_mistral_common_does_not_break_the_server(model_dir, tmp_path, monkeypatch):
