@@ -36,14 +36,30 @@ def server(model_dir):
     assert not srv.running and _gone(srv.pid)
 
 
-def _accepts(port: int) -> bool:
-    """Something accepts connections on 127.0.0.1:``port``. (Not ``serving.port_in_use``, which asks whether the
-    port can be bound: any process's outgoing loopback connection that drew it as its local port says "in use".)"""
+def _listening(port: int) -> bool:
+    """Something listens on ``port``: read from the kernel's socket tables where there are some (Linux), else by
+    connecting. (Not ``serving.port_in_use``, which asks whether the port can be bound: any process's outgoing
+    loopback connection that drew it as its local port makes that fail; nor a bare connect, which on loopback can
+    meet itself when the kernel hands out the same port as the local one.)"""
+    tables = [Path("/proc/net/tcp"), Path("/proc/net/tcp6")]
+    if tables[0].exists():
+        rows = [line.split() for t in tables if t.exists() for line in t.read_text().splitlines()[1:]]
+        return any(int(r[1].rsplit(":", 1)[1], 16) == port and r[3] == "0A" for r in rows)  # 0A: LISTEN
     try:
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
         return True
     except OSError:
         return False
+
+
+def _released(port: int, wait_s: float = 20.0) -> bool:
+    """True once nothing listens on ``port`` (polled: the signal that the listener has closed, not a sleep)."""
+    deadline = time.monotonic() + wait_s
+    while _listening(port):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def _gone(pid: int, wait_s: float = 10.0) -> bool:
@@ -127,7 +143,7 @@ def test_a_server_that_fails_to_start_reports_its_log_and_leaves_nothing(tmp_pat
     with pytest.raises(RuntimeError, match=r"exited with code .*Last lines of") as err:
         srv.start()
     assert srv.log_tail(5) in str(err.value) and "not a valid JSON file" in str(err.value)  # the cause
-    assert not srv.running and _gone(srv.pid) and not _accepts(srv.port)
+    assert not srv.running and _gone(srv.pid) and _released(srv.port)
     srv.stop()
     srv.stop()  # idempotent
     assert str(srv.log_path) in str(err.value) and srv.log_path.exists()  # a failure keeps its log
@@ -138,7 +154,7 @@ def test_a_startup_timeout_kills_the_server(model_dir):
     srv = serving.Server(model_dir, device="cpu", startup_timeout=0.5)
     with pytest.raises(RuntimeError, match=r"did not answer /health within"):
         srv.start()
-    assert _gone(srv.pid) and not _accepts(srv.port)
+    assert _gone(srv.pid) and _released(srv.port)
     srv.stop()
     srv.log_path.unlink()  # kept, as after every failure
 
@@ -197,7 +213,7 @@ def test_a_killed_parent_takes_its_server_with_it(fake_cli):
                          cwd=REPO, env=os.environ.copy())  # fake_cli put the stand-in first on PYTHONPATH
     assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
     pid, port = map(int, out.stdout.split())
-    assert _gone(pid, wait_s=20) and not _accepts(port)
+    assert _gone(pid, wait_s=20) and _released(port)
 
 
 def test_an_unimportable_mistral_common_does_not_break_the_server(model_dir, tmp_path, monkeypatch):
